@@ -1,0 +1,57 @@
+"""The `dtm` command line. Sub-command modules define their arguments without heavy imports, so
+`dtm --help` and `dtm <command> --help` stay instant; each command imports torch and friends only
+inside its run()."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from dtm_fast import __version__
+from dtm_fast.errors import DtmError
+
+# (name, module, one-line help). Each module defines configure(parser) and run(args) -> int.
+COMMANDS = [
+    ("merge", "dtm_fast.merge.cli", "merge checkpoints (HF dirs, LoRA adapters, or a mergekit YAML) with bounded memory"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dtm",
+        description="Disperse-Then-Merge instruction tuning and streaming model merging.",
+    )
+    parser.add_argument("--version", action="version", version=f"dtm_fast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name, help_text in COMMANDS:
+        module = importlib.import_module(module_name)
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        module.configure(command_parser)
+        command_parser.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(message)s",
+    )
+    try:
+        return int(args._module.run(args) or 0)
+    except DtmError as error:
+        print(f"dtm {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"dtm {args.command}: interrupted; finished work is kept, rerun to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
