@@ -15,6 +15,8 @@ from dtm_fast.errors import DtmError
 # (name, module, one-line help). Each module defines configure(parser) and run(args) -> int.
 COMMANDS = [
     ("merge", "dtm_fast.merge.cli", "merge checkpoints (HF dirs, LoRA adapters, or a mergekit YAML) with bounded memory"),
+    ("disperse", "dtm_fast.disperse.cli", "split instruction data into K portions (random, k-means, or by a column)"),
+    ("eval", "dtm_fast.eval.cli", "evaluate models with lm-evaluation-harness and write the alignment-tax report"),
 ]
 
 
