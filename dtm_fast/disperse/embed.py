@@ -76,6 +76,9 @@ def embed_texts(texts: list[str], encoder: str | Path, max_length: int = 256, ba
         if tokenizer.eos_token is None:
             raise DtmError(f"{model_dir}: the tokenizer has neither a pad nor an EOS token to pad batches with")
         tokenizer.pad_token = tokenizer.eos_token
+    # Right padding: causal models number positions from the first token, so left padding would
+    # shift every position and change the hidden states.
+    tokenizer.padding_side = "right"
     model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     # Batches of similar length waste less compute on padding; results go back to input order.
     order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
