@@ -17,6 +17,8 @@ COMMANDS = [
     ("merge", "dtm_fast.merge.cli", "merge checkpoints (HF dirs, LoRA adapters, or a mergekit YAML) with bounded memory"),
     ("disperse", "dtm_fast.disperse.cli", "split instruction data into K portions (random, k-means, or by a column)"),
     ("eval", "dtm_fast.eval.cli", "evaluate models with lm-evaluation-harness and write the alignment-tax report"),
+    ("train", "dtm_fast.train.cli", "fine-tune one sub-model (full or LoRA) on one data portion; FSDP2 over many GPUs"),
+    ("bench", "dtm_fast.bench.cli", "benchmarks: merge and train throughput against peer tools"),
 ]
 
 

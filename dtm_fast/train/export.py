@@ -1,0 +1,218 @@
+"""Export of the trained sub-model in the layout `dtm merge` and transformers read.
+
+Full fine-tuning: `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`, config.json,
+generation_config.json and the tokenizer files. LoRA: a peft adapter directory
+(adapter_config.json + adapter_model.safetensors). Either may carry `fisher.safetensors`.
+
+Nothing is gathered whole on one rank: tensors are gathered one at a time (every rank takes part
+in each gather) and rank 0 streams each into its planned place in a shard whose header was written
+first, so rank 0 holds one tensor at a time. Everything is written into a temporary directory
+beside the output and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from dtm_fast.train.parallel import Runtime, barrier
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    shape: tuple[int, ...]
+    tensor: Any  # a torch.Tensor or a DTensor shard; gathered when written
+
+    def nbytes(self, dtype: str) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * ELEMENT_BYTES[dtype]
+
+
+def _full(tensor: Any):
+    """The whole tensor: a collective gather for an FSDP-sharded DTensor (all ranks call it)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def write_safetensors(path: Path, entries: list[TensorEntry], dtype: str, runtime: Runtime,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write one safetensors file tensor by tensor: the header is laid out from shapes first, then
+    each tensor is gathered, cast and appended. Rank 0 writes; all ranks gather."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    handle = None
+    if runtime.is_main:
+        header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+        offset = 0
+        for entry in entries:
+            size = entry.nbytes(dtype)
+            header[entry.name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(entry.shape),
+                                  "data_offsets": [offset, offset + size]}
+            offset += size
+        header_bytes = json.dumps(header, separators=(",", ":")).encode()
+        header_bytes += b" " * (-len(header_bytes) % 8)  # data starts 8-byte aligned
+        handle = open(path, "wb")
+        handle.write(struct.pack("<Q", len(header_bytes)))
+        handle.write(header_bytes)
+    try:
+        for entry in entries:
+            full = _full(entry.tensor)
+            if handle is not None:
+                data = full.detach().to("cpu", torch_dtype).contiguous()
+                handle.write(data.view(torch.uint8).numpy().tobytes())
+            del full
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def plan_shards(entries: list[TensorEntry], dtype: str, max_shard_bytes: int) -> list[list[TensorEntry]]:
+    shards: list[list[TensorEntry]] = [[]]
+    used = 0
+    for entry in entries:
+        size = entry.nbytes(dtype)
+        if shards[-1] and used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(entry)
+        used += size
+    return shards
+
+
+def model_entries(model: Any) -> list[TensorEntry]:
+    """Parameters and persistent buffers under the names transformers saves: a tied weight
+    (lm_head sharing the embedding) appears once, under its first name."""
+    entries = [TensorEntry(name, tuple(param.shape), param) for name, param in model.named_parameters()]
+    non_persistent = set()
+    for module_name, module in model.named_modules():
+        for buffer_name in getattr(module, "_non_persistent_buffers_set", ()):
+            non_persistent.add(f"{module_name}.{buffer_name}" if module_name else buffer_name)
+    entries += [TensorEntry(name, tuple(buffer.shape), buffer) for name, buffer in model.named_buffers()
+                if name not in non_persistent]
+    return entries
+
+
+def trainable_entries(model: Any) -> list[TensorEntry]:
+    return [TensorEntry(name, tuple(param.shape), param)
+            for name, param in model.named_parameters() if param.requires_grad]
+
+
+class StagingDir:
+    """The output directory under construction: `.<name>.tmp` beside it, renamed over it at the end."""
+
+    def __init__(self, output: Path, runtime: Runtime):
+        self.output = output
+        self.runtime = runtime
+        self.path = output.parent / f".{output.name}.tmp"
+
+    def __enter__(self) -> Path:
+        if self.runtime.is_main:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path.mkdir(parents=True)
+        barrier(self.runtime)
+        return self.path
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is not None:
+            return  # the partial directory stays hidden; the next export replaces it
+        barrier(self.runtime)
+        if not self.runtime.is_main:
+            return
+        if self.output.exists():
+            # keep the old output until the new one is in place: rename it aside first
+            previous = self.output.parent / f".{self.output.name}.old"
+            shutil.rmtree(previous, ignore_errors=True)
+            self.output.rename(previous)
+            self.path.rename(self.output)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            self.path.rename(self.output)
+
+
+def write_hf_weights(directory: Path, model: Any, dtype: str, max_shard_bytes: int, runtime: Runtime) -> None:
+    shards = plan_shards(model_entries(model), dtype, max_shard_bytes)
+    weight_map = {}
+    total = 0
+    for number, shard in enumerate(shards, start=1):
+        filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(directory / filename, shard, dtype, runtime)
+        for entry in shard:
+            weight_map[entry.name] = filename
+            total += entry.nbytes(dtype)
+    if runtime.is_main:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_hf_metadata(directory: Path, model: Any, tokenizer: Any, dtype: str, base_dir: Path) -> None:
+    """config.json (with use_cache restored for inference), generation_config.json, tokenizer."""
+    import copy
+
+    import torch
+
+    config = copy.deepcopy(model.config)
+    config.use_cache = True
+    config.dtype = getattr(torch, dtype)
+    config.save_pretrained(directory)
+    if (base_dir / "generation_config.json").is_file():
+        shutil.copyfile(base_dir / "generation_config.json", directory / "generation_config.json")
+    elif getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def write_adapter(directory: Path, model: Any, runtime: Runtime, base_dir: Path) -> None:
+    """A peft adapter directory from the trained LoRA weights (small: gathered, then saved)."""
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    gathered = {}
+    for entry in trainable_entries(model):
+        full = _full(entry.tensor)
+        if runtime.is_main:
+            gathered[entry.name] = full.detach().to("cpu", torch.float32).contiguous()
+    if not runtime.is_main:
+        return
+    adapter_state = get_peft_model_state_dict(model, state_dict=gathered)
+    save_file({name: tensor.contiguous() for name, tensor in adapter_state.items()},
+              str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    peft_config = copy_peft_config(model, base_dir)
+    peft_config.save_pretrained(str(directory))
+
+
+def copy_peft_config(model: Any, base_dir: Path) -> Any:
+    import copy
+
+    peft_config = copy.deepcopy(model.peft_config["default"])
+    peft_config.base_model_name_or_path = str(base_dir.resolve())
+    peft_config.inference_mode = True
+    return peft_config
+
+
+def write_json(path: Path, value: Any) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    os.replace(temporary, path)
+
+
+def copy_files(directory: Path, files: Iterable[Path]) -> None:
+    for file in files:
+        if file.is_file():
+            shutil.copyfile(file, directory / file.name)

@@ -1,0 +1,117 @@
+"""Building what is trained: the tokenizer, the causal LM with its attention implementation, and
+LoRA adapters when asked. The model code itself is never changed; parallelism is applied from the
+outside (parallel.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+from dtm_fast.errors import DtmError
+from dtm_fast.train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def select_attention(requested: str, device_type: str) -> str:
+    """flash_attention_2 on CUDA with flash-attn installed, else sdpa. Asking for flash-attn where
+    it cannot run is an error, never a quiet fallback."""
+    flash_installed = importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if device_type == "cuda" and flash_installed else "sdpa"
+    if requested == "flash_attention_2":
+        if device_type != "cuda":
+            raise DtmError("attention: flash_attention_2 needs a CUDA GPU and this run is on "
+                           f"{device_type}; use attention: sdpa (or auto)")
+        if not flash_installed:
+            raise DtmError("attention: flash_attention_2 needs the flash-attn package "
+                           "(pip install 'dtm_fast[flash]'); or use attention: sdpa (or auto)")
+    return requested
+
+
+def _check_model_dir(config: TrainConfig) -> Path:
+    path = Path(config.model)
+    if not path.is_dir():
+        raise DtmError(f"model: {path} is not a directory; give a local Hugging Face model directory "
+                       "(config.json + safetensors) or the directory holding gguf_file")
+    if config.gguf_file:
+        if not (path / config.gguf_file).is_file():
+            raise DtmError(f"gguf_file: {path / config.gguf_file}: no such file")
+    elif not (path / "config.json").is_file():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        hint = f"; it holds {ggufs[0]}: set gguf_file" if ggufs else ""
+        raise DtmError(f"model: {path} has no config.json{hint}")
+    return path
+
+
+def load_tokenizer(config: TrainConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    path = _check_model_dir(config)
+    kwargs = {"gguf_file": config.gguf_file} if config.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    if tokenizer.pad_token_id is None:
+        # padding never carries loss and comes after real tokens, so any id serves
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(config: TrainConfig, attention: str) -> Any:
+    """The base model in float32 (the master weights; mixed precision casts for compute), on CPU.
+    FSDP moves each rank's shard to its device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = _check_model_dir(config)
+    kwargs: dict[str, Any] = {"gguf_file": config.gguf_file} if config.gguf_file else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                     attn_implementation=attention, **kwargs)
+    except (OSError, ValueError) as error:
+        raise DtmError(f"model: cannot load {path} as a causal language model: {error}") from None
+    model.config.use_cache = False  # a cache would disable the packed-sequence masks
+    return model
+
+
+def base_dtype_name(config: TrainConfig, model: Any) -> str:
+    """The dtype the base checkpoint was stored in; the export writes the same unless told."""
+    if config.export_dtype != "auto":
+        return config.export_dtype
+    if config.gguf_file:
+        return "float32"  # de-quantised GGUF weights have no narrower faithful dtype
+    stored = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    name = str(stored).replace("torch.", "") if stored is not None else "float32"
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def apply_lora(model: Any, config: TrainConfig) -> Any:
+    """Wrap the model with peft LoRA adapters; only they train."""
+    from peft import LoraConfig, get_peft_model
+
+    module_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [target for target in config.lora_target_modules if target not in module_names]
+    if missing:
+        linear_names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                               if type(module).__name__ == "Linear"})
+        raise DtmError(f"lora_target_modules: the model has no module named {', '.join(missing)}; "
+                       f"its linear layers are {', '.join(linear_names)}")
+    lora_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                             target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora_config)
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    """The transformer blocks: modules of the classes the model itself declares unsplittable."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    block_names = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [module for module in model.modules() if type(module).__name__ in block_names]
+    if not layers:
+        raise DtmError(f"cannot find the decoder layers of {type(base).__name__} (its _no_split_modules "
+                       "is empty); this architecture is not supported for sharded training")
+    return layers
+
+
+def parameter_count(model: Any, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
