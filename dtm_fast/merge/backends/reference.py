@@ -1,0 +1,201 @@
+"""The reference backend: every chunk operation of the merger in plain torch, fp32.
+
+These functions are the specification the C++ and Triton kernels are tested against. Chunk inputs
+are 1-D tensors (a contiguous range of one tensor's elements) in their stored dtype; `out` is a 1-D
+tensor in the output dtype that receives the result rounded to nearest-even. Reductions (norms, dot
+products, L1 sums) accumulate in float64 so that their value does not depend on chunking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from dtm_fast.merge import rng
+from dtm_fast.merge.magnitude import BINS, magnitude_keys
+
+NO_UPPER_KEY = (1 << 31) - 1  # above every magnitude key, NaN included
+
+
+@dataclass(frozen=True)
+class Sparsify:
+    """How one model's deltas are thinned before they are combined.
+
+    kind "none": keep all; "band": keep low_key <= key(|d|) <= high_key (TIES: high_key is
+    NO_UPPER_KEY; breadcrumbs: both bounds); "random": keep where the Philox draw is below
+    `threshold` (DARE). Kept deltas are multiplied by `scale` (DARE's rescale)."""
+
+    kind: str = "none"
+    low_key: int = 0
+    high_key: int = NO_UPPER_KEY
+    philox_key: tuple[int, int] = (0, 0)
+    threshold: int = 1 << 24
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class GtaSpec:
+    """Generalised task arithmetic: y = b + lambda * combine_i(w_i * sparsify_i(x_i - b))."""
+
+    weights: tuple[float, ...]
+    sparsify: tuple[Sparsify, ...]
+    consensus: str | None  # None, "sum" (TIES) or "count"
+    normalize: bool
+    lambda_: float
+
+
+def keep_mask(delta: torch.Tensor, rule: Sparsify, start: int) -> torch.Tensor | None:
+    """Boolean mask of kept deltas, or None when everything is kept."""
+    if rule.kind == "none":
+        return None
+    if rule.kind == "band":
+        keys = magnitude_keys(delta)
+        return (keys >= rule.low_key) & (keys <= rule.high_key)
+    if rule.kind == "random":
+        return rng.keep_mask(rule.philox_key, start, delta.numel(), rule.threshold)
+    raise ValueError(f"unknown sparsification {rule.kind!r}")
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def workspace_bytes_per_element(self, num_inputs: int) -> int:
+        # fp32 copies of every input, the stacked deltas and masks, plus Philox's int64 temporaries
+        return 4 * (2 * num_inputs + 6) + 80
+
+    def linear(self, out: torch.Tensor, models: Sequence[torch.Tensor], coefficients: Sequence[float]) -> None:
+        accumulator = torch.zeros(out.shape, dtype=torch.float32)
+        for model, coefficient in zip(models, coefficients):
+            accumulator += model.float() * coefficient
+        out.copy_(accumulator)
+
+    def gta(self, out: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor], spec: GtaSpec,
+            start: int) -> None:
+        base32 = base.float()
+        weighted = []
+        for model, weight, rule in zip(models, spec.weights, spec.sparsify):
+            delta = model.float() - base32
+            mask = keep_mask(delta, rule, start)
+            if mask is not None:
+                delta = torch.where(mask, delta * rule.scale, torch.zeros_like(delta))
+            weighted.append(delta * weight)
+        stacked = torch.stack(weighted)  # (models, elements)
+        weights = torch.tensor(spec.weights, dtype=torch.float32).unsqueeze(1)
+        if spec.consensus is not None:
+            positive, negative = stacked > 0, stacked < 0
+            if spec.consensus == "sum":
+                majority_positive = stacked.sum(0) >= 0
+            else:
+                majority_positive = (positive.sum(0) - negative.sum(0)) >= 0
+            agree = torch.where(majority_positive, positive, negative)
+            mixed = torch.where(agree, stacked, torch.zeros_like(stacked)).sum(0)
+            divisor = torch.where(agree, weights.expand_as(stacked), torch.zeros_like(stacked)).sum(0)
+            divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        else:
+            mixed = stacked.sum(0)
+            total = float(sum(spec.weights))
+            divisor = torch.full_like(mixed, 1.0 if abs(total) < 1e-8 else total)
+        if spec.normalize:
+            mixed = mixed / divisor
+        out.copy_(base32 + mixed * spec.lambda_)
+
+    def abs_delta_histogram(self, base: torch.Tensor, model: torch.Tensor, histogram: torch.Tensor,
+                            bucket: int | None) -> None:
+        """Adds to `histogram` (int64[65536]) the high 16 bits of every |x - b| key, or, with
+        `bucket`, the low 16 bits of the keys whose high bits equal it."""
+        keys = magnitude_keys(model.float() - base.float())
+        if bucket is None:
+            histogram += torch.bincount(keys >> 16, minlength=BINS)
+        else:
+            selected = keys[(keys >> 16) == bucket]
+            histogram += torch.bincount(selected & 0xFFFF, minlength=BINS)
+
+    def masked_l1(self, base: torch.Tensor, model: torch.Tensor, rule: Sparsify, start: int) -> tuple[float, float]:
+        """(sum |d|, sum of |d| over kept elements) for mergekit's L1 rescale."""
+        delta = (model.float() - base.float()).abs().double()
+        mask = keep_mask(delta, rule, start)
+        kept = delta if mask is None else torch.where(mask, delta, torch.zeros_like(delta))
+        return float(delta.sum()), float(kept.sum())
+
+    def delta_gram(self, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(models, models) float64 matrix of dot products of the deltas x_i - b."""
+        deltas = torch.stack([(model.float() - base.float()).double() for model in models])
+        return deltas @ deltas.T
+
+    def model_stock_combine(self, out: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor],
+                            ratio: float) -> None:
+        """y = ratio * mean_i(x_i) + (1 - ratio) * b."""
+        average = torch.zeros(out.shape, dtype=torch.float32)
+        for model in models:
+            average += model.float()
+        average /= len(models)
+        out.copy_(average * ratio + base.float() * (1 - ratio))
+
+    def model_stock_rows(self, out: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor],
+                         row_length: int) -> None:
+        """Model stock with one interpolation ratio per leading-axis row (filter_wise)."""
+        rows = out.numel() // row_length
+        base_rows = base.float().reshape(rows, row_length)
+        deltas = torch.stack([model.float().reshape(rows, row_length) - base_rows for model in models]).double()
+        ratio = model_stock_ratio(torch.einsum("irc,jrc->rij", deltas, deltas))  # (rows,)
+        average = torch.stack([model.float().reshape(rows, row_length) for model in models]).mean(0)
+        ratio32 = ratio.float().unsqueeze(1)
+        out.copy_((average * ratio32 + base_rows * (1 - ratio32)).reshape(-1))
+
+    def slerp_rows(self, out: torch.Tensor, first: torch.Tensor, second: torch.Tensor, row_length: int,
+                   t: float) -> None:
+        rows = out.numel() // row_length
+        a = first.float().reshape(rows, row_length)
+        b = second.float().reshape(rows, row_length)
+        coef_a, coef_b = slerp_coefficients(a.double(), b.double(), t)
+        out.copy_((a * coef_a.float().unsqueeze(1) + b * coef_b.float().unsqueeze(1)).reshape(-1))
+
+    def fisher(self, out: torch.Tensor, models: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor],
+               weights: Sequence[float], epsilon: float) -> None:
+        numerator = torch.zeros(out.shape, dtype=torch.float32)
+        denominator = torch.zeros(out.shape, dtype=torch.float32)
+        for model, fisher, weight in zip(models, fishers, weights):
+            importance = (fisher.float() + epsilon) * weight
+            numerator += importance * model.float()
+            denominator += importance
+        out.copy_(numerator / denominator)
+
+
+SLERP_DOT_THRESHOLD = 0.9995
+SLERP_EPS = 1e-8
+
+
+def slerp_coefficients(a: torch.Tensor, b: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row SLERP coefficients for rows of a and b (float64): nearly collinear rows interpolate
+    linearly, as mergekit does."""
+    norm_a = torch.linalg.vector_norm(a, dim=1)
+    norm_b = torch.linalg.vector_norm(b, dim=1)
+    norm_a = torch.where(norm_a > SLERP_EPS, norm_a, torch.ones_like(norm_a))
+    norm_b = torch.where(norm_b > SLERP_EPS, norm_b, torch.ones_like(norm_b))
+    dot = ((a * b).sum(1) / (norm_a * norm_b)).clamp(-1, 1)
+    linear = dot.abs() > SLERP_DOT_THRESHOLD
+    theta = torch.acos(torch.where(linear, torch.zeros_like(dot), dot))
+    sin_theta = torch.sin(theta)
+    safe_sin = torch.where(linear, torch.ones_like(sin_theta), sin_theta)
+    coef_a = torch.where(linear, torch.full_like(dot, 1 - t), torch.sin((1 - t) * theta) / safe_sin)
+    coef_b = torch.where(linear, torch.full_like(dot, t), torch.sin(t * theta) / safe_sin)
+    return coef_a, coef_b
+
+
+def model_stock_ratio(gram: torch.Tensor) -> torch.Tensor:
+    """Model Stock's interpolation ratio t = K cos / (1 + (K-1) cos), cos = mean pairwise cosine of
+    the deltas, from their Gram matrix (..., K, K); 0 where the denominator vanishes."""
+    count = gram.shape[-1]
+    norms = torch.sqrt(torch.diagonal(gram, dim1=-2, dim2=-1).clamp(min=0))  # (..., K)
+    cosines = []
+    for i in range(count):
+        for j in range(i + 1, count):
+            product = (norms[..., i] * norms[..., j]).clamp(min=1e-6)
+            cosines.append((gram[..., i, j] / product).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(0)
+    denominator = 1 + (count - 1) * cos
+    singular = denominator.abs() < 1e-6
+    safe = torch.where(singular, torch.ones_like(denominator), denominator)
+    return torch.where(singular, torch.zeros_like(cos), count * cos / safe)

@@ -1,0 +1,197 @@
+"""The merge configuration: a frozen dataclass built from CLI options or a mergekit YAML file, and
+the resolution of per-tensor parameter values.
+
+A parameter value is a number/bool/string; a list of numbers (a gradient: interpolated along the
+layers, t = layer / (layers - 1), t = 0 for tensors outside the layers, as mergekit does); or a list
+of {filter, value} conditionals (the first whose filter is a substring of the tensor name, or
+"*"/absent, applies).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dtm_fast.errors import DtmError
+from dtm_fast.merge.methods.base import REQUIRED, MergeMethod, Param, TensorParams
+
+DTYPE_NAMES = {
+    "bfloat16": "BF16", "bf16": "BF16", "float16": "F16", "fp16": "F16", "half": "F16",
+    "float32": "F32", "fp32": "F32", "float": "F32",
+}
+LORA_MODES = ("exact-concat", "materialize", "factor-average")
+DEFAULT_MAX_MEMORY = 512 * 1024**2
+DEFAULT_MAX_SHARD = 5 * 1000**3
+
+
+def parse_size(text: str | int, what: str) -> int:
+    """'512MiB', '5GB', '1.5GiB', '1000000' -> bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+             "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4, "k": 1024, "m": 1024**2, "g": 1024**3, "b": 1}
+    cleaned = str(text).strip().lower().replace(" ", "")
+    for suffix in sorted(units, key=len, reverse=True):
+        if cleaned.endswith(suffix):
+            number, scale = cleaned[: -len(suffix)], units[suffix]
+            break
+    else:
+        number, scale = cleaned, 1
+    try:
+        value = int(float(number) * scale)
+    except ValueError:
+        raise DtmError(f"{what}: cannot read {text!r} as a size (examples: 512MiB, 4GiB, 5GB)") from None
+    if value <= 0:
+        raise DtmError(f"{what}: must be positive, got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    path: Path
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    method: str
+    models: tuple[ModelInput, ...]
+    output: Path
+    base: Path | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None  # safetensors tag; None keeps the input dtype
+    max_memory: int = DEFAULT_MAX_MEMORY
+    max_shard_size: int = DEFAULT_MAX_SHARD
+    backend: str = "auto"
+    seed: int = 0
+    lora_mode: str = "materialize"
+    allow_pickle: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    shard_index: int = 0
+    num_shards: int = 1
+    source: str = "command line"  # where the values came from, for error messages
+
+    def __post_init__(self):
+        from dtm_fast.merge.methods import METHODS
+
+        if self.method not in METHODS:
+            raise DtmError(f"{self.source}: unknown merge method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not self.models:
+            raise DtmError(f"{self.source}: no models to merge")
+        if self.lora_mode not in LORA_MODES:
+            raise DtmError(f"{self.source}: lora mode {self.lora_mode!r} unknown; choose one of {', '.join(LORA_MODES)}")
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise DtmError(f"{self.source}: --shard-index must be in [0, --num-shards) (got {self.shard_index} of {self.num_shards})")
+        method = METHODS[self.method]
+        if method.needs_base and self.base is None:
+            raise DtmError(f"{self.source}: {self.method} needs a base model (--base)")
+        method.check_model_count(len(self.models))
+        known = {p.name: p for p in method.params}
+        for name in self.parameters:
+            if name not in known:
+                raise DtmError(f"{self.source}: {self.method} has no parameter {name!r} (it takes: {', '.join(known) or 'none'})")
+        for model in self.models:
+            for name in model.parameters:
+                if name not in known:
+                    raise DtmError(f"{self.source}: model {model.path}: {self.method} has no parameter {name!r} "
+                                   f"(it takes: {', '.join(known) or 'none'})")
+                if known[name].scope == "global":
+                    raise DtmError(f"{self.source}: model {model.path}: {name!r} is shared by all models; "
+                                   "give it once under the merge's parameters")
+        for param in method.params:  # required ones are present, and every value is checked up front
+            if param.scope == "model":
+                for model in self.models:
+                    value = model.parameters.get(param.name, self.parameters.get(param.name, param.default))
+                    if value is REQUIRED:
+                        raise DtmError(f"{self.source}: model {model.path} needs parameter {param.name!r}")
+                    _walk_values(value, lambda v: _check_value(param, v, f"{self.source}: model {model.path}"))
+            else:
+                value = self.parameters.get(param.name, param.default)
+                if value is REQUIRED:
+                    raise DtmError(f"{self.source}: {self.method} needs parameter {param.name!r}")
+                _walk_values(value, lambda v: _check_value(param, v, self.source))
+
+    @property
+    def method_impl(self) -> MergeMethod:
+        from dtm_fast.merge.methods import METHODS
+
+        return METHODS[self.method]
+
+    def tensor_params(self, tensor_name: str, layer: int | None, num_layers: int | None) -> TensorParams:
+        """Concrete parameter values for one tensor."""
+        t = 0.0
+        if layer is not None and num_layers:
+            t = layer / (num_layers - 1) if num_layers > 1 else 1.0
+        values: dict[str, Any] = {}
+        per_model: dict[str, tuple[Any, ...]] = {}
+        for param in self.method_impl.params:
+            where = f"{self.source}: parameter {param.name!r} for tensor {tensor_name!r}"
+            if param.scope == "global":
+                values[param.name] = _coerce(param, resolve_value(self.parameters.get(param.name, param.default),
+                                                                  tensor_name, t, where), where)
+            else:
+                per_model[param.name] = tuple(
+                    _coerce(param, resolve_value(m.parameters.get(param.name, self.parameters.get(param.name, param.default)),
+                                                 tensor_name, t, where), where)
+                    for m in self.models)
+        return TensorParams(values, per_model)
+
+
+def _walk_values(value: Any, visit) -> None:
+    """Apply `visit` to every leaf value of a scalar, gradient or list of conditionals."""
+    if isinstance(value, list):
+        for item in value:
+            _walk_values(item["value"] if isinstance(item, dict) else item, visit)
+    else:
+        visit(value)
+
+
+def _coerce(param: Param, value: Any, where: str) -> Any:
+    if param.kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise DtmError(f"{where}: expected true or false, got {value!r}")
+    if param.kind is str:
+        if isinstance(value, bool) and param.name == "rescale":
+            return "l1" if value else "none"  # mergekit's boolean rescale matches L1 norms
+        return str(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DtmError(f"{where}: expected a number, got {value!r}")
+    return param.kind(value)
+
+
+def _check_value(param: Param, value: Any, where: str) -> None:
+    coerced = _coerce(param, value, f"{where}: parameter {param.name!r}")
+    if param.check is not None:
+        complaint = param.check(coerced)
+        if complaint:
+            raise DtmError(f"{where}: parameter {param.name!r} = {value!r} {complaint}")
+
+
+def resolve_value(value: Any, tensor_name: str, t: float, where: str) -> Any:
+    if not isinstance(value, list):
+        return value
+    if not value:
+        raise DtmError(f"{where}: an empty list is not a value")
+    if all(isinstance(item, dict) for item in value):
+        for item in value:
+            if "value" not in item:
+                raise DtmError(f"{where}: a conditional entry needs 'value' (and optionally 'filter')")
+            unknown = set(item) - {"filter", "value"}
+            if unknown:
+                raise DtmError(f"{where}: conditional entry has unsupported key(s) {sorted(unknown)}")
+            pattern = item.get("filter")
+            if pattern in (None, "*") or str(pattern) in tensor_name:
+                return resolve_value(item["value"], tensor_name, t, where)
+        raise DtmError(f"{where}: no conditional entry matches this tensor; add a final entry without a filter")
+    if any(isinstance(item, dict) for item in value):
+        raise DtmError(f"{where}: mixes conditionals and plain values")
+    if not all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in value):
+        return value[int(t * (len(value) - 1))]
+    scaled = t * (len(value) - 1)
+    low = int(scaled)
+    high = min(len(value) - 1, low + 1)
+    fraction = scaled - low
+    return (1 - fraction) * value[low] + fraction * value[high]

@@ -1,0 +1,246 @@
+"""The merge driver: plan -> allocate buffers from the budget -> stream every tensor of every shard
+through its method -> write the Hugging Face directory -> publish atomically."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from dtm_fast import __version__, ui
+from dtm_fast.errors import DtmError
+from dtm_fast.io import output as out_io
+from dtm_fast.io.checkpoint import Checkpoint, open_checkpoint, open_fisher
+from dtm_fast.io.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES
+from dtm_fast.merge.config import MergeConfig
+from dtm_fast.merge.plan import OutputPlan, PlannedShard, check_agreement, check_output_path, plan_output
+
+log = logging.getLogger(__name__)
+FIXED_OVERHEAD_BYTES = 16 * 1024**2  # histograms, thread stacks, Python objects
+MIN_CHUNK_ELEMENTS = 4096
+TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+@dataclass(frozen=True)
+class Inputs:
+    base: Checkpoint | None
+    models: tuple[Checkpoint, ...]
+    fishers: tuple[Checkpoint, ...]
+
+    @property
+    def reference(self) -> Checkpoint:
+        return self.base if self.base is not None else self.models[0]
+
+    def all(self) -> list[Checkpoint]:
+        return ([self.base] if self.base is not None else []) + list(self.models) + list(self.fishers)
+
+
+def resident_bytes() -> int:
+    """Current resident set size of this process (from /proc, cheap enough to call per chunk)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def release_large_allocations_promptly() -> None:
+    """Fix glibc's mmap threshold at 1 MiB: large temporaries (the reference backend's) are then
+    returned to the OS when freed instead of growing the heap past the memory budget."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3
+        libc.mallopt(m_mmap_threshold, 1024 * 1024)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
+def open_inputs(config: MergeConfig, cache: Path) -> Inputs:
+    base = open_checkpoint(config.base, config.allow_pickle, cache) if config.base is not None else None
+    models = tuple(open_checkpoint(m.path, config.allow_pickle, cache) for m in config.models)
+    if base is not None and base.is_adapter:
+        raise DtmError(f"{config.base}: the base must be a full model, not a LoRA adapter")
+    reference = base if base is not None else models[0]
+    check_agreement(reference, [m for m in models if m is not reference])
+    fishers: tuple[Checkpoint, ...] = ()
+    if config.method_impl.needs_fisher:
+        fishers = tuple(open_fisher(m.path) for m in config.models)
+        float_names = {n for n, e in reference.tensors.items() if e.dtype in FLOAT_DTYPES}
+        for fisher in fishers:
+            for name in sorted(float_names):
+                entry = fisher.tensors.get(name)
+                if entry is None or entry.shape != reference.tensors[name].shape or entry.dtype not in FLOAT_DTYPES:
+                    raise DtmError(f"{fisher.label}: needs a float tensor {name!r} of shape "
+                                   f"{list(reference.tensors[name].shape)} (the Fisher estimate of that weight)")
+    return Inputs(base, models, fishers)
+
+
+def fingerprint(config: MergeConfig, inputs: Inputs, plan: OutputPlan) -> dict:
+    """What identifies this merge: same fingerprint, same output bytes."""
+    return {
+        "method": config.method,
+        "parameters": config.parameters,
+        "models": [{"path": str(m.path), "parameters": m.parameters} for m in config.models],
+        "inputs": {c.label: c.header_sha256 for c in inputs.all()},
+        "dtype": config.dtype,
+        "seed": config.seed,
+        "shards": [[s.filename, s.size] for s in plan.shards],
+        "version": __version__,
+    }
+
+
+def chunk_elements_for(config: MergeConfig, inputs: Inputs, plan: OutputPlan, backend) -> tuple[int, list[int], int]:
+    """Largest chunk whose buffers and backend workspace fit the budget."""
+    # every slot is sized for the widest dtype of any input, so any input can use any slot
+    itemsize = max(DTYPE_SIZES[e.dtype] for c in inputs.all() for e in c.tensors.values())
+    reads_base = inputs.base is not None and config.method_impl.needs_base
+    input_sizes = [itemsize] * (int(reads_base) + len(inputs.models) + len(inputs.fishers))
+    out_size = max(DTYPE_SIZES[t.out_dtype] for s in plan.shards for t in s.tensors)
+    per_element = 2 * (sum(input_sizes) + out_size) + backend.workspace_bytes_per_element(len(input_sizes))
+    available = config.max_memory - FIXED_OVERHEAD_BYTES
+    chunk = available // per_element // MIN_CHUNK_ELEMENTS * MIN_CHUNK_ELEMENTS if available > 0 else 0
+    method = config.method_impl
+    longest_row = 0
+    for shard in plan.shards:
+        for tensor in shard.tensors:
+            params = config.tensor_params(tensor.name, tensor.layer_index, plan.num_layers)
+            if tensor.merged and method.needs_whole_rows(params) and len(tensor.shape) >= 2:
+                longest_row = max(longest_row, tensor.numel // tensor.shape[0] if tensor.shape[0] else 0)
+    needed = max(MIN_CHUNK_ELEMENTS, longest_row)
+    if chunk < needed:
+        minimum = FIXED_OVERHEAD_BYTES + needed * per_element
+        raise DtmError(f"--max-memory {config.max_memory / 2**20:.0f} MiB is too small for this merge: it needs at "
+                       f"least {minimum / 2**20:.0f} MiB ({len(input_sizes)} inputs, {backend.name} backend)")
+    return chunk, input_sizes, out_size
+
+
+def run_merge(config: MergeConfig) -> Path:
+    """Merge according to `config`; returns the published output directory (or the partial
+    directory when other processes still own unfinished shards)."""
+    from dtm_fast.merge.backends import select_backend
+
+    output = Path(config.output)
+    input_paths = [m.path for m in config.models] + ([config.base] if config.base else [])
+    check_output_path(output, input_paths)
+    cache = output.with_name(output.name + ".dtm-cache")
+    inputs = open_inputs(config, cache)
+    if any(m.is_adapter for m in inputs.models):
+        from dtm_fast.merge.lora import run_lora_merge
+
+        return run_lora_merge(config, inputs)
+    plan = plan_output(inputs.reference, config.dtype, config.max_shard_size)
+    partial = out_io.prepare_partial(output, fingerprint(config, inputs, plan), config.resume, config.overwrite,
+                                     shared=config.num_shards > 1)
+    mine = [s for i, s in enumerate(plan.shards) if i % config.num_shards == config.shard_index]
+    todo = [s for s in mine if not out_io.shard_is_complete(partial, s.filename, s.size, s.header)]
+    out_io.check_disk_space(output, sum(s.size for s in todo))
+    if len(todo) < len(mine):
+        ui.info(f"resuming: {len(mine) - len(todo)} of {len(mine)} shard(s) already complete in {partial}")
+    backend = select_backend(config.backend)
+    release_large_allocations_promptly()
+    chunk, input_sizes, out_size = chunk_elements_for(config, inputs, plan, backend)
+    from dtm_fast.merge.stream import Buffers, FileCache
+
+    baseline = resident_bytes()
+    buffers = Buffers(input_sizes, out_size, chunk, pinned=getattr(backend, "wants_pinned_buffers", False))
+    log.info("method %s, backend %s, %d-element chunks (%s of buffers)", config.method, backend.name, chunk,
+             ui.format_bytes(Buffers.bytes_needed(input_sizes, out_size, chunk)))
+    files = FileCache()
+    total = sum(sum(t.nbytes for t in s.tensors) for s in todo)
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="dtm-read") as reader, \
+                ThreadPoolExecutor(1, thread_name_prefix="dtm-write") as writer, \
+                ui.stage(f"merge ({config.method}, {backend.name})", total, "bytes", config.max_memory) as progress:
+            def written(nbytes: int) -> None:
+                progress.advance(nbytes, memory=max(0, resident_bytes() - baseline))
+
+            for shard in todo:
+                merge_shard(config, inputs, plan, shard, partial, backend, buffers, files, reader, writer, chunk,
+                            written)
+    finally:
+        files.close()
+    return finalize(config, inputs, plan, partial, output, backend.name)
+
+
+def merge_shard(config, inputs: Inputs, plan: OutputPlan, shard: PlannedShard, partial: Path, backend, buffers,
+                files, reader, writer, chunk: int, written) -> None:
+    from dtm_fast.merge.methods.base import TensorContext
+    from dtm_fast.merge.stream import TensorStream
+
+    method = config.method_impl
+    fd = out_io.create_shard(partial, shard.filename, shard.header, shard.size)
+    try:
+        for tensor in shard.tensors:
+            context = TensorContext(tensor.name, tensor.shape, config.seed)
+            base = inputs.base.tensors[tensor.name] if inputs.base is not None else None
+            models = [m.tensors[tensor.name] for m in inputs.models]
+            fishers = [f.tensors[tensor.name] for f in inputs.fishers] if tensor.merged else []
+            params = config.tensor_params(tensor.name, tensor.layer_index, plan.num_layers)
+            tensor_chunk = chunk
+            if tensor.merged and method.needs_whole_rows(params) and context.row_length > 1:
+                tensor_chunk = chunk // context.row_length * context.row_length
+            if not tensor.merged:  # copied unchanged from the base (or the first model)
+                source = base if base is not None else models[0]
+                TensorStream(context, backend, None, [source], [], buffers, files, reader, writer, tensor_chunk,
+                             tensor.out_dtype, fd, tensor.offset, written).copy_first_input()
+                continue
+            stream = TensorStream(context, backend, base if method.needs_base else None, models, fishers, buffers,
+                                  files, reader, writer, tensor_chunk, tensor.out_dtype, fd, tensor.offset, written)
+            method.check_params(params, f"tensor {tensor.name!r}")
+            method.merge(params, stream)
+    except BaseException:
+        os.close(fd)
+        raise
+    out_io.finish_shard(partial, shard.filename, fd, shard.size)
+
+
+def finalize(config: MergeConfig, inputs: Inputs, plan: OutputPlan, partial: Path, output: Path,
+             backend_name: str) -> Path:
+    """Write the index, side files and provenance, then publish; with several processes only the
+    one that finds every shard complete (and wins the lock) does it."""
+    incomplete = [s.filename for s in plan.shards
+                  if not out_io.shard_is_complete(partial, s.filename, s.size, s.header)]
+    if incomplete:
+        ui.info(f"{len(plan.shards) - len(incomplete)}/{len(plan.shards)} shards complete in {partial}; "
+                "the process that finishes the last one publishes the output")
+        return partial
+    try:
+        lock = os.open(partial / ".publishing", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.close(lock)
+    except FileExistsError:
+        return partial  # another process is publishing
+    if len(plan.shards) > 1:
+        total = sum(t.nbytes for s in plan.shards for t in s.tensors)
+        out_io.write_json(partial / "model.safetensors.index.json",
+                          {"metadata": {"total_size": total}, "weight_map": plan.weight_map()})
+    side_source = config.base if config.base is not None else config.models[0].path
+    copied = out_io.copy_side_files(Path(side_source), partial, TORCH_DTYPE_NAMES.get(config.dtype or ""))
+    out_io.write_json(partial / "dtm_merge.json", provenance(config, inputs, backend_name, copied))
+    (partial / ".publishing").unlink()
+    out_io.publish(partial, output, config.overwrite)
+    cache = output.with_name(output.name + ".dtm-cache")
+    if cache.exists():
+        import shutil
+
+        shutil.rmtree(cache)
+    ui.info(f"merged {len(config.models)} model(s) with {config.method} into {output}")
+    return output
+
+
+def provenance(config: MergeConfig, inputs: Inputs, backend_name: str, copied: list[str]) -> dict:
+    return {
+        "tool": "dtm_fast",
+        "version": __version__,
+        "method": config.method,
+        "parameters": config.parameters,
+        "base": {"path": str(config.base), "header_sha256": inputs.base.header_sha256} if inputs.base else None,
+        "models": [{"path": str(m.path), "parameters": m.parameters, "header_sha256": c.header_sha256}
+                   for m, c in zip(config.models, inputs.models)],
+        "dtype": config.dtype,
+        "seed": config.seed,
+        "backend": backend_name,
+        "copied_files": copied,
+    }

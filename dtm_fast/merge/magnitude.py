@@ -1,0 +1,69 @@
+"""Exact magnitude thresholds (TIES, breadcrumbs) without holding a tensor in memory.
+
+A magnitude |d| of an fp32 value, read as its IEEE-754 bit pattern, is a non-negative int32 that
+orders exactly like the magnitudes, NaN above +inf. So "the k-th largest |d|" is the k-th largest
+integer key, and a radix select finds it in two streaming passes: a 65536-bin histogram of the high
+16 bits locates the bucket holding rank k, then a histogram of the low 16 bits of the keys in that
+bucket gives the exact key. (The design note's one-pass bf16 shortcut does not apply: deltas of bf16
+weights are computed in fp32 and are not bf16 values.)
+
+Ties at the threshold: every element whose key equals the threshold is kept, so a tensor with
+repeated magnitudes can keep more than k elements. mergekit keeps exactly k, choosing among equal
+magnitudes by argsort order, which depends on the sort implementation; ours depends on nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BINS = 1 << 16
+
+
+def magnitude_keys(values: torch.Tensor) -> torch.Tensor:
+    """int64 keys that order like |values| (fp32), NaN above +inf."""
+    return values.float().abs().view(torch.int32).to(torch.int64)
+
+
+def kth_largest_key_in_memory(keys: torch.Tensor, rank: int) -> int:
+    """Reference: the rank-th largest key (1-based) of a whole tensor."""
+    return int(torch.sort(keys.reshape(-1), descending=True).values[rank - 1])
+
+
+@dataclass
+class RadixSearch:
+    """Finds the key at one descending rank (1-based) over streamed histograms."""
+
+    rank: int
+    bucket: int = -1  # high 16 bits of the answer, known after the first pass
+    rank_in_bucket: int = 0
+    key: int = -1  # the answer, known after the second pass
+
+    def locate_bucket(self, high_histogram: torch.Tensor) -> None:
+        counts_from_top = torch.flip(high_histogram, [0]).cumsum(0)
+        position = int(torch.searchsorted(counts_from_top, torch.tensor(self.rank)))
+        self.bucket = BINS - 1 - position
+        above = int(counts_from_top[position - 1]) if position > 0 else 0
+        self.rank_in_bucket = self.rank - above
+
+    def locate_key(self, low_histogram: torch.Tensor) -> None:
+        counts_from_top = torch.flip(low_histogram, [0]).cumsum(0)
+        position = int(torch.searchsorted(counts_from_top, torch.tensor(self.rank_in_bucket)))
+        self.key = (self.bucket << 16) | (BINS - 1 - position)
+
+
+def top_k_count(density: float, numel: int) -> int:
+    """How many elements TIES keeps: max(1, floor(density * n)), as mergekit does."""
+    return max(1, int(density * numel))
+
+
+def breadcrumbs_ranks(density: float, gamma: float, numel: int) -> tuple[int, int]:
+    """Descending ranks (1-based, inclusive) of the band breadcrumbs keeps: the largest gamma
+    fraction is dropped as outliers, then the next density fraction is kept (mergekit's
+    magnitude_outliers). Returns (first, last); last < first means an empty band."""
+    keep = int(density * numel)
+    top_removed = int(gamma * numel)
+    bottom_removed = max(0, numel - keep - top_removed)
+    top_removed = numel - keep - bottom_removed
+    return top_removed + 1, top_removed + keep

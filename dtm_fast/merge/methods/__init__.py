@@ -1,0 +1,21 @@
+"""The merge methods. Adding one is one file plus one line in METHODS."""
+
+from dtm_fast.merge.methods.base import MergeMethod
+from dtm_fast.merge.methods.breadcrumbs import Breadcrumbs, BreadcrumbsTies
+from dtm_fast.merge.methods.dare import DareLinear, DareTies
+from dtm_fast.merge.methods.fisher import Fisher
+from dtm_fast.merge.methods.linear import Linear
+from dtm_fast.merge.methods.model_stock import ModelStock
+from dtm_fast.merge.methods.slerp import Slerp
+from dtm_fast.merge.methods.task_arithmetic import TaskArithmetic
+from dtm_fast.merge.methods.ties import Ties
+
+METHODS: dict[str, MergeMethod] = {
+    method.name: method
+    for method in (
+        Linear(), TaskArithmetic(), Ties(), DareLinear(), DareTies(), Breadcrumbs(), BreadcrumbsTies(),
+        Slerp(), ModelStock(), Fisher(),
+    )
+}
+
+METHOD_NAMES = tuple(METHODS)

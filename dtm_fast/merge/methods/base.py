@@ -1,0 +1,119 @@
+"""What a merge method is: its parameters, a whole-tensor plain-torch reference (the definition),
+and a streaming merge built from backend chunk operations that must equal the reference.
+
+Parameters are values, never code. A parameter is either shared by all models ("global") or given
+per model ("model"); mergekit-style per-tensor gradients and filters are resolved to plain numbers
+before a method sees them (see merge/config.py), so a method only ever reads `TensorParams`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+
+from dtm_fast.errors import DtmError
+
+if TYPE_CHECKING:
+    import torch
+
+    from dtm_fast.merge.stream import TensorStream
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    scope: str  # "global" or "model"
+    kind: type  # float, bool or int
+    default: Any = REQUIRED
+    check: Callable[[Any], str | None] | None = None  # returns a complaint, or None if fine
+    help: str = ""
+
+
+def in_open_closed_unit(value: float) -> str | None:
+    return None if 0 < value <= 1 else "must be in (0, 1]"
+
+
+def in_unit(value: float) -> str | None:
+    return None if 0 <= value <= 1 else "must be in [0, 1]"
+
+
+def non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must be >= 0"
+
+
+def positive(value: float) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+@dataclass(frozen=True)
+class TensorParams:
+    """Parameters resolved for one tensor: globals by name, per-model ones as lists."""
+
+    values: dict[str, Any]
+    per_model: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def model(self, name: str) -> tuple[Any, ...]:
+        return self.per_model[name]
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """What a method may know about the tensor being merged."""
+
+    name: str
+    shape: tuple[int, ...]
+    seed: int
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count
+
+    @property
+    def row_length(self) -> int:
+        """Elements per row along the leading axis (1 for vectors and scalars)."""
+        return self.numel // self.shape[0] if len(self.shape) >= 2 and self.shape[0] else 1
+
+
+class MergeMethod(ABC):
+    """Base class: subclasses set the class attributes and implement reference() and merge()."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    params: ClassVar[tuple[Param, ...]] = ()
+    needs_base: ClassVar[bool] = True  # task-vector methods read base weights
+    min_models: ClassVar[int] = 1
+    max_models: ClassVar[int | None] = None
+    needs_fisher: ClassVar[bool] = False
+    row_wise: ClassVar[bool] = False  # statistics per leading-axis row: chunks hold whole rows
+
+    def needs_whole_rows(self, params: TensorParams) -> bool:
+        """Whether every chunk must hold whole leading-axis rows (per-row statistics)."""
+        return self.row_wise
+
+    def check_model_count(self, count: int) -> None:
+        if count < self.min_models:
+            raise DtmError(f"{self.name} needs at least {self.min_models} model(s) besides the base, got {count}")
+        if self.max_models is not None and count > self.max_models:
+            raise DtmError(f"{self.name} takes at most {self.max_models} model(s) besides the base, got {count}")
+
+    def check_params(self, params: TensorParams, where: str) -> None:
+        """Method-specific checks across parameters (ranges are checked per Param)."""
+
+    @abstractmethod
+    def reference(self, params: TensorParams, base: "torch.Tensor | None", models: Sequence["torch.Tensor"],
+                  context: TensorContext, fishers: Sequence["torch.Tensor"] = ()) -> "torch.Tensor":
+        """The definition: fp32 result for whole in-memory tensors."""
+
+    @abstractmethod
+    def merge(self, params: TensorParams, stream: "TensorStream") -> None:
+        """Streaming merge of one tensor: optional statistics passes over stream.chunks(), then a
+        combine pass that fills each chunk's output buffer."""

@@ -1,0 +1,196 @@
+"""Generalised task arithmetic: the family behind task_arithmetic, ties, dare_linear, dare_ties,
+breadcrumbs and breadcrumbs_ties (mergekit's generalized_task_arithmetic, same parameters).
+
+For each model i with delta d_i = x_i - b:
+  1. sparsify d_i (magnitude: keep the top `density`; random: DARE's Bernoulli(density) mask from
+     the counter-based generator; band: breadcrumbs' drop-outliers-then-keep-density band),
+     then optionally rescale the kept deltas;
+  2. weigh: w_i * d_i;
+  3. consensus (TIES "sum"): keep only the weighted deltas whose sign agrees with the sign of their
+     sum (zero deltas never agree); "count": with the majority sign by count;
+  4. mixed = sum of what is kept; with `normalize`, divided by the sum of the weights that were kept
+     (all weights without consensus); times `lambda`; y = b + mixed.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Sequence
+
+import torch
+
+from dtm_fast.errors import DtmError
+from dtm_fast.merge import rng
+from dtm_fast.merge.backends.reference import NO_UPPER_KEY, GtaSpec, Sparsify
+from dtm_fast.merge.magnitude import (
+    RadixSearch, breadcrumbs_ranks, kth_largest_key_in_memory, magnitude_keys, top_k_count,
+)
+from dtm_fast.merge.methods.base import (
+    MergeMethod, Param, TensorContext, TensorParams, in_open_closed_unit, in_unit,
+)
+
+RESCALE_CHOICES = ("none", "l1", "inverse_density")
+L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor tolerance
+
+
+def _rescale_choice(value: object) -> str | None:
+    return None if value in RESCALE_CHOICES else f"must be one of {', '.join(RESCALE_CHOICES)}"
+
+
+class GeneralizedTaskArithmetic(MergeMethod):
+    sparsification: ClassVar[str | None] = None  # None, "magnitude", "random", "band"
+    consensus: ClassVar[str | None] = None
+    default_normalize: ClassVar[bool] = False
+    default_rescale: ClassVar[str] = "none"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        params = [
+            Param("weight", "model", float, 1.0, help="weight of each model's task vector"),
+            Param("lambda", "global", float, 1.0, help="scale of the merged task vector"),
+            Param("normalize", "global", bool, cls.default_normalize,
+                  help="divide by the sum of the (agreeing) weights"),
+        ]
+        if cls.sparsification is not None:
+            params.append(Param("density", "model", float, 1.0, in_open_closed_unit,
+                                help="fraction of each task vector kept"))
+            params.append(Param("rescale", "global", str, cls.default_rescale, _rescale_choice,
+                                help="none | l1 (match each delta's L1 norm, mergekit) | inverse_density (DARE)"))
+        if cls.sparsification == "band":
+            params.append(Param("gamma", "model", float, 0.01, in_unit,
+                                help="fraction of the largest deltas dropped as outliers"))
+        cls.params = tuple(params)
+
+    def check_params(self, params: TensorParams, where: str) -> None:
+        if self.sparsification is not None and params["rescale"] == "inverse_density" and self.sparsification != "random":
+            raise DtmError(f"{where}: rescale 'inverse_density' applies to random (DARE) masks only; use l1 or none")
+
+    # -- which deltas are kept -------------------------------------------------------------------
+    def _ranks(self, params: TensorParams, index: int, numel: int) -> tuple[int, int] | None:
+        """Descending ranks (first, last) of the kept magnitude band, or None when all are kept."""
+        density = params.model("density")[index]
+        if density >= 1 or numel == 0:
+            return None
+        if self.sparsification == "magnitude":
+            return 1, top_k_count(density, numel)
+        return breadcrumbs_ranks(density, params.model("gamma")[index], numel)
+
+    def _rules_from_keys(self, params: TensorParams, context: TensorContext,
+                         band_keys: Sequence[tuple[int, int] | None]) -> list[Sparsify]:
+        """Sparsify rules (scale 1) once the magnitude thresholds, if any, are known."""
+        rules = []
+        for index in range(len(band_keys)):
+            density = params.model("density")[index] if self.sparsification else 1.0
+            if self.sparsification is None or density >= 1:
+                rules.append(Sparsify())
+            elif self.sparsification == "random":
+                rules.append(Sparsify(kind="random", philox_key=rng.philox_key(context.seed, context.name, index),
+                                      threshold=rng.keep_threshold(density)))
+            elif band_keys[index] is None:  # an empty band: nothing is kept
+                rules.append(Sparsify(kind="band", low_key=NO_UPPER_KEY, high_key=-1))
+            else:
+                low, high = band_keys[index]
+                rules.append(Sparsify(kind="band", low_key=low, high_key=high))
+        return rules
+
+    def _spec(self, params: TensorParams, rules: Sequence[Sparsify]) -> GtaSpec:
+        return GtaSpec(weights=tuple(float(w) for w in params.model("weight")), sparsify=tuple(rules),
+                       consensus=self.consensus, normalize=bool(params["normalize"]), lambda_=float(params["lambda"]))
+
+    def _with_scales(self, params: TensorParams, rules: list[Sparsify], l1_sums: Sequence[tuple[float, float]] | None) -> list[Sparsify]:
+        rescale = params["rescale"] if self.sparsification else "none"
+        scaled = []
+        for index, rule in enumerate(rules):
+            scale = 1.0
+            if rule.kind != "none" and rescale == "inverse_density":
+                scale = 1.0 / params.model("density")[index]
+            elif rule.kind != "none" and rescale == "l1" and l1_sums is not None:
+                total, kept = l1_sums[index]
+                scale = total / kept if total >= L1_EPS and kept >= L1_EPS else 1.0
+            scaled.append(Sparsify(rule.kind, rule.low_key, rule.high_key, rule.philox_key, rule.threshold, scale))
+        return scaled
+
+    # -- the definition --------------------------------------------------------------------------
+    def reference(self, params, base, models, context, fishers=()):
+        from dtm_fast.merge.backends.reference import ReferenceBackend, keep_mask
+
+        base32 = base.float().reshape(-1)
+        flat = [model.float().reshape(-1) for model in models]
+        band_keys = []
+        for index, model in enumerate(flat):
+            ranks = self._ranks(params, index, base32.numel()) if self.sparsification in ("magnitude", "band") else None
+            if ranks is None or ranks[1] < ranks[0]:
+                band_keys.append(None)
+                continue
+            keys = magnitude_keys(model - base32)
+            high = NO_UPPER_KEY if ranks[0] == 1 else kth_largest_key_in_memory(keys, ranks[0])
+            band_keys.append((kth_largest_key_in_memory(keys, ranks[1]), high))
+        rules = self._rules_from_keys(params, context, band_keys)
+        l1_sums = []
+        for model, rule in zip(flat, rules):
+            delta = (model - base32).abs().double()
+            mask = keep_mask(delta, rule, 0)
+            l1_sums.append((float(delta.sum()), float(delta.sum() if mask is None else delta[mask].sum())))
+        spec = self._spec(params, self._with_scales(params, rules, l1_sums))
+        out = torch.empty_like(base32)
+        ReferenceBackend().gta(out, base32, flat, spec, 0)
+        return out.reshape(base.shape)
+
+    # -- streaming ---------------------------------------------------------------------------------
+    def merge(self, params, stream):
+        context, backend = stream.context, stream.backend
+        count = len(stream.models)
+        band_keys: list[tuple[int, int] | None] = [None] * count
+        if self.sparsification in ("magnitude", "band"):
+            band_keys = self._stream_thresholds(params, stream)
+        rules = self._rules_from_keys(params, context, band_keys)
+        l1_sums = None
+        if self.sparsification and params["rescale"] == "l1" and any(r.kind != "none" for r in rules):
+            sums = [[0.0, 0.0] for _ in range(count)]
+            for chunk in stream.chunks():
+                for index, (model, rule) in enumerate(zip(chunk.models, rules)):
+                    total, kept = backend.masked_l1(chunk.base, model, rule, chunk.start)
+                    sums[index][0] += total
+                    sums[index][1] += kept
+            l1_sums = [tuple(s) for s in sums]
+        spec = self._spec(params, self._with_scales(params, rules, l1_sums))
+        for chunk in stream.chunks(write=True):
+            backend.gta(chunk.out, chunk.base, chunk.models, spec, chunk.start)
+
+    def _stream_thresholds(self, params: TensorParams, stream) -> list[tuple[int, int] | None]:
+        """Exact band keys for every model with two radix-select passes over the stream."""
+        numel = stream.context.numel
+        searches: list[list[RadixSearch]] = []
+        for index in range(len(stream.models)):
+            ranks = self._ranks(params, index, numel)
+            if ranks is None or ranks[1] < ranks[0]:
+                searches.append([])
+            else:
+                first, last = ranks  # rank 1 needs no search: its band has no upper bound
+                searches.append([RadixSearch(rank) for rank in sorted({first, last} - {1} | {last})])
+        if not any(searches):
+            return [None] * len(stream.models)
+        backend = stream.backend
+        high = [torch.zeros(1 << 16, dtype=torch.int64) for _ in searches]
+        for chunk in stream.chunks():
+            for index, model in enumerate(chunk.models):
+                if searches[index]:
+                    backend.abs_delta_histogram(chunk.base, model, high[index], None)
+        buckets = {}
+        for index, model_searches in enumerate(searches):
+            for search in model_searches:
+                search.locate_bucket(high[index])
+                buckets.setdefault((index, search.bucket), torch.zeros(1 << 16, dtype=torch.int64))
+        for chunk in stream.chunks():
+            for (index, bucket), histogram in buckets.items():
+                backend.abs_delta_histogram(chunk.base, chunk.models[index], histogram, bucket)
+        result: list[tuple[int, int] | None] = []
+        for index, model_searches in enumerate(searches):
+            if not model_searches:
+                result.append(None)
+                continue
+            for search in model_searches:
+                search.locate_key(buckets[(index, search.bucket)])
+            first, last = self._ranks(params, index, numel)
+            by_rank = {search.rank: search.key for search in model_searches}
+            result.append((by_rank[last], NO_UPPER_KEY if first == 1 else by_rank[first]))
+        return result

@@ -1,0 +1,43 @@
+"""Model Stock (Jang et al. 2024): interpolate between the base and the models' average by
+t = K cos / (1 + (K-1) cos), cos the mean pairwise cosine of the task vectors, over each whole
+tensor (a statistics pass) or per row (`filter_wise`, computed within each chunk)."""
+
+from dtm_fast.merge.methods.base import MergeMethod, Param
+
+
+class ModelStock(MergeMethod):
+    name = "model_stock"
+    summary = "base-to-average interpolation set by the angle between task vectors"
+    min_models = 2
+    params = (Param("filter_wise", "global", bool, False, help="one ratio per output row instead of per tensor"),)
+
+    def reference(self, params, base, models, context, fishers=()):
+        import torch
+
+        from dtm_fast.merge.backends.reference import model_stock_ratio
+
+        rows = base.shape[0] if params["filter_wise"] and base.dim() >= 1 and base.numel() else 1
+        base_rows = base.float().reshape(rows, -1)
+        deltas = torch.stack([m.float().reshape(rows, -1) - base_rows for m in models]).double()
+        ratio = model_stock_ratio(torch.einsum("irc,jrc->rij", deltas, deltas)).float().unsqueeze(1)
+        average = torch.stack([m.float().reshape(rows, -1) for m in models]).mean(0)
+        return (average * ratio + base_rows * (1 - ratio)).reshape(base.shape)
+
+    def merge(self, params, stream):
+        backend = stream.backend
+        if params["filter_wise"]:
+            for chunk in stream.chunks(write=True):
+                backend.model_stock_rows(chunk.out, chunk.base, chunk.models, stream.context.row_length)
+            return
+        from dtm_fast.merge.backends.reference import model_stock_ratio
+
+        gram = None
+        for chunk in stream.chunks():
+            part = backend.delta_gram(chunk.base, chunk.models)
+            gram = part if gram is None else gram + part
+        ratio = float(model_stock_ratio(gram))
+        for chunk in stream.chunks(write=True):
+            backend.model_stock_combine(chunk.out, chunk.base, chunk.models, ratio)
+
+    def needs_whole_rows(self, params):
+        return bool(params["filter_wise"])

@@ -1,0 +1,28 @@
+"""SLERP between the base and one model, per leading-axis row as mergekit 0.1.5 does: each output
+row follows the great circle between the two rows (linear where they are nearly collinear, and
+for vectors, whose rows are single elements). `t` = 0 gives the base, 1 the model."""
+
+from dtm_fast.merge.methods.base import MergeMethod, Param, in_unit
+
+
+class Slerp(MergeMethod):
+    name = "slerp"
+    summary = "spherical interpolation between base and one model, per row"
+    min_models = 1
+    max_models = 1
+    row_wise = True
+    params = (Param("t", "global", float, 0.5, in_unit, help="interpolation factor (0 = base, 1 = model)"),)
+
+    def reference(self, params, base, models, context, fishers=()):
+        from dtm_fast.merge.backends.reference import slerp_coefficients
+
+        rows = base.shape[0] if base.dim() >= 1 and base.numel() else 1
+        a = base.float().reshape(rows, -1)
+        b = models[0].float().reshape(rows, -1)
+        coef_a, coef_b = slerp_coefficients(a.double(), b.double(), float(params["t"]))
+        return (a * coef_a.float().unsqueeze(1) + b * coef_b.float().unsqueeze(1)).reshape(base.shape)
+
+    def merge(self, params, stream):
+        for chunk in stream.chunks(write=True):
+            stream.backend.slerp_rows(chunk.out, chunk.base, chunk.models[0], stream.context.row_length,
+                                      float(params["t"]))
