@@ -9,6 +9,7 @@ logits with one KV cache per member.
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -59,6 +60,9 @@ class LogitEnsembleLM(HFLM):
         sequences = context
         finished = torch.zeros(context.shape[0], dtype=torch.bool, device=context.device)
         caches = [None] * len(self.members)
+        # transformers 5.x renamed the KV-cache argument and output from past_key_values to cache
+        cache_names = ["cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"
+                       for m in self.members]
         feed = context
         with torch.no_grad():
             for _ in range(max_length - context.shape[1]):
@@ -67,8 +71,8 @@ class LogitEnsembleLM(HFLM):
                 total = None
                 for index, member in enumerate(self.members):
                     output = member(input_ids=feed, attention_mask=attention_mask, position_ids=positions,
-                                    past_key_values=caches[index], use_cache=True)
-                    caches[index] = output.past_key_values
+                                    use_cache=True, **{cache_names[index]: caches[index]})
+                    caches[index] = getattr(output, cache_names[index])
                     logits = output.logits[:, -1].float()  # (batch, vocab)
                     total = logits if total is None else total + logits
                 next_token = (total / len(self.members)).argmax(-1)

