@@ -43,7 +43,10 @@ def balanced_labels(distances: np.ndarray, natural_sizes: np.ndarray) -> np.ndar
 
 def cluster_embeddings(embeddings: np.ndarray, k: int, seed: int, balance: bool) -> tuple[np.ndarray, np.ndarray]:
     """(portion of each row, natural cluster of each row), both renumbered by first occurrence."""
-    from sklearn.cluster import KMeans
+    try:
+        from sklearn.cluster import KMeans
+    except ModuleNotFoundError:
+        raise DtmError("k-means dispersal needs scikit-learn: pip install 'dtm_fast[cluster]'") from None
 
     data = embeddings.astype(np.float64)
     kmeans = KMeans(n_clusters=k, random_state=seed, n_init=10).fit(data)
