@@ -64,37 +64,49 @@ def encoder_fingerprint(encoder: str | Path) -> str:
     return digest.hexdigest()
 
 
+class Encoder:
+    """A loaded encoder; calling it embeds a list of texts. Load once, embed several lists."""
+
+    def __init__(self, encoder: str | Path, max_length: int = 256, batch_size: int = 32, device: str = "cpu"):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.model_dir, self.pooling = resolve_encoder(encoder)
+        self.max_length, self.batch_size, self.device = max_length, batch_size, device
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        if self.tokenizer.pad_token is None:
+            if self.tokenizer.eos_token is None:
+                raise DtmError(f"{self.model_dir}: the tokenizer has neither a pad nor an EOS token to pad batches with")
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        # Right padding: causal models number positions from the first token, so left padding would
+        # shift every position and change the hidden states.
+        self.tokenizer.padding_side = "right"
+        self.model = AutoModel.from_pretrained(self.model_dir, dtype=torch.float32).to(device).eval()
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), hidden) float32 L2-normalised embeddings, in the order of `texts`."""
+        import torch
+
+        # Batches of similar length waste less compute on padding; results go back to input order.
+        order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
+        output = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
+        logger.info("embedding %d texts with %s (%s pooling)", len(texts), self.model_dir, self.pooling)
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                indices = order[start:start + self.batch_size]
+                batch = self.tokenizer([texts[i] for i in indices], padding=True, truncation=True,
+                                       max_length=self.max_length, return_tensors="pt").to(self.device)
+                hidden = self.model(**batch).last_hidden_state.float()  # (batch, tokens, hidden)
+                if self.pooling == "cls":
+                    pooled = hidden[:, 0]
+                else:
+                    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (batch, tokens, 1)
+                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+                output[indices] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+        return output
+
+
 def embed_texts(texts: list[str], encoder: str | Path, max_length: int = 256, batch_size: int = 32,
                 device: str = "cpu") -> np.ndarray:
     """(len(texts), hidden) float32 L2-normalised embeddings, in the order of `texts`."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    model_dir, pooling = resolve_encoder(encoder)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise DtmError(f"{model_dir}: the tokenizer has neither a pad nor an EOS token to pad batches with")
-        tokenizer.pad_token = tokenizer.eos_token
-    # Right padding: causal models number positions from the first token, so left padding would
-    # shift every position and change the hidden states.
-    tokenizer.padding_side = "right"
-    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    # Batches of similar length waste less compute on padding; results go back to input order.
-    order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
-    output = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
-    logger.info("embedding %d texts with %s (%s pooling)", len(texts), model_dir, pooling)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            indices = order[start:start + batch_size]
-            batch = tokenizer([texts[i] for i in indices], padding=True, truncation=True,
-                              max_length=max_length, return_tensors="pt").to(device)
-            hidden = model(**batch).last_hidden_state.float()  # (batch, tokens, hidden)
-            if pooling == "cls":
-                pooled = hidden[:, 0]
-            else:
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (batch, tokens, 1)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            pooled = torch.nn.functional.normalize(pooled, dim=-1)
-            output[indices] = pooled.cpu().numpy()
-    return output
+    return Encoder(encoder, max_length, batch_size, device)(texts)

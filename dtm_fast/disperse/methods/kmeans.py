@@ -71,10 +71,9 @@ def assign(conversations, config, embed=None):
     if config.k > len(conversations):
         raise DtmError(f"disperse: K = {config.k} portions but only {len(conversations)} records; lower K")
     if embed is None:
-        from dtm_fast.disperse.embed import embed_texts
+        from dtm_fast.disperse.embed import Encoder
 
-        def embed(texts):
-            return embed_texts(texts, config.encoder, config.embed_max_length, config.embed_batch_size, config.device)
+        embed = Encoder(config.encoder, config.embed_max_length, config.embed_batch_size, config.device)
 
     parts = []
     if config.embed in ("instruction", "both"):
