@@ -78,8 +78,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     else:
         lines.append("No base model was given, so no differences are shown.")
     settings = report["settings"]
-    lines += ["", f"lm_eval {report.get('lm_eval_version', '?')}, limit {settings.get('limit')}, "
-                  f"few-shot {settings.get('num_fewshot')}, seed {settings.get('seed')}", ""]
+    lines += ["", f"lm_eval {report.get('lm_eval_version', '?')}, limit {settings.get('limit') or 'none (full tasks)'}, "
+                  f"few-shot {settings.get('num_fewshot') if settings.get('num_fewshot') is not None else 'task default'}, seed {settings.get('seed')}", ""]
     lines.append("| " + " | ".join(columns) + " |")
     lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(columns) - 2)) + "|")
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -107,8 +107,8 @@ def write_chart(report: dict[str, Any], path: Path) -> None:
         if panels == 2:
             deltas = [display_value(model["delta_to_base"][t], metrics[t]) for t in tasks]
             axes[0][1].bar(offsets, deltas, width)
-    axes[0][0].set_title("score")
-    axes[0][0].legend(fontsize=7, loc="lower right")
+    percent = all(is_percent(metrics[t]) for t in tasks)
+    axes[0][0].set_title("score" + (" (%)" if percent else ""))
     if panels == 2:
         axes[0][1].set_title(f"difference to base ({report['base']})")
         axes[0][1].axhline(0, color="black", linewidth=0.8)
@@ -116,7 +116,9 @@ def write_chart(report: dict[str, Any], path: Path) -> None:
         axis.set_xticks(x)
         axis.set_xticklabels(tasks, rotation=20, ha="right")
     figure.suptitle("DTM alignment tax")
-    figure.tight_layout()
+    # the legend goes below the panels, where it cannot cover a bar
+    figure.legend(loc="lower center", ncol=min(len(models), 4), fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.06 * ((len(models) + 3) // 4) + 0.02, 1, 1))
     figure.savefig(path, dpi=120, format="png")  # the temporary name does not end in .png
     plt.close(figure)
 
