@@ -62,7 +62,7 @@ def load_model(path: str, config: EvalConfig):
 
     try:
         return HFLM(pretrained=path, **hflm_arguments(config))
-    except OSError as error:
+    except (OSError, ValueError) as error:  # missing files, or a name that is neither a directory nor a hub id
         raise DtmError(f"{path}: cannot load a model from it ({error})") from None
 
 
