@@ -117,6 +117,16 @@ def chunk_elements_for(config: MergeConfig, inputs: Inputs, plan: OutputPlan, ba
     return chunk, input_sizes, out_size
 
 
+def check_all_params(config: MergeConfig, plan: OutputPlan) -> None:
+    """Every tensor's resolved parameters are valid before any output exists."""
+    method = config.method_impl
+    for shard in plan.shards:
+        for tensor in shard.tensors:
+            if tensor.merged:
+                params = config.tensor_params(tensor.name, tensor.layer_index, plan.num_layers)
+                method.check_params(params, f"{config.source}: tensor {tensor.name!r}")
+
+
 def run_merge(config: MergeConfig) -> Path:
     """Merge according to `config`; returns the published output directory (or the partial
     directory when other processes still own unfinished shards)."""
@@ -132,6 +142,7 @@ def run_merge(config: MergeConfig) -> Path:
 
         return run_lora_merge(config, inputs)
     plan = plan_output(inputs.reference, config.dtype, config.max_shard_size)
+    check_all_params(config, plan)
     partial = out_io.prepare_partial(output, fingerprint(config, inputs, plan), config.resume, config.overwrite,
                                      shared=config.num_shards > 1)
     mine = [s for i, s in enumerate(plan.shards) if i % config.num_shards == config.shard_index]
@@ -189,7 +200,6 @@ def merge_shard(config, inputs: Inputs, plan: OutputPlan, shard: PlannedShard, p
                 continue
             stream = TensorStream(context, backend, base if method.needs_base else None, models, fishers, buffers,
                                   files, reader, writer, tensor_chunk, tensor.out_dtype, fd, tensor.offset, written)
-            method.check_params(params, f"tensor {tensor.name!r}")
             method.merge(params, stream)
     except BaseException:
         os.close(fd)

@@ -1,0 +1,67 @@
+"""Tiny checkpoints built on the fly: Llama models saved with transformers, and raw safetensors
+files with chosen tensors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def tiny_llama_config(tie: bool = False):
+    import transformers
+
+    return transformers.LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
+                                    max_position_embeddings=64)
+
+
+def save_llama(path: Path, state: dict, config, dtype, shard: str = "40KB") -> Path:
+    import transformers
+
+    model = transformers.LlamaForCausalLM(config)
+    model.load_state_dict(state, strict=False)
+    model.to(dtype).save_pretrained(path, max_shard_size=shard)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_family(tmp_path_factory):
+    """A base and three fine-tunes (base + small noise), fp32 and bf16, untied."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(1234)
+    config = tiny_llama_config()
+    base_model = transformers.LlamaForCausalLM(config)
+    base_state = {k: v.clone() for k, v in base_model.state_dict().items()}
+    family = {}
+    for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        paths = {"base": save_llama(root / f"base-{tag}", base_state, config, dtype)}
+        for index in range(3):
+            generator = torch.Generator().manual_seed(100 + index)
+            state = {k: v + 0.02 * torch.randn(v.shape, generator=generator) for k, v in base_state.items()}
+            paths[f"m{index}"] = save_llama(root / f"m{index}-{tag}", state, config, dtype)
+        family[tag] = paths
+    return family
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    return state
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
