@@ -63,6 +63,8 @@ def open_inputs(config: MergeConfig, cache: Path) -> Inputs:
     models = tuple(open_checkpoint(m.path, config.allow_pickle, cache) for m in config.models)
     if base is not None and base.is_adapter:
         raise DtmError(f"{config.base}: the base must be a full model, not a LoRA adapter")
+    if any(m.is_adapter for m in models):
+        return Inputs(base, models, ())  # adapters hold factors, not weights: merge/lora.py checks them
     reference = base if base is not None else models[0]
     check_agreement(reference, [m for m in models if m is not reference])
     fishers: tuple[Checkpoint, ...] = ()
@@ -89,7 +91,13 @@ def fingerprint(config: MergeConfig, inputs: Inputs, plan: OutputPlan) -> dict:
         "seed": config.seed,
         "shards": [[s.filename, s.size] for s in plan.shards],
         "version": __version__,
+        **lora_record(config, inputs),
     }
+
+
+def lora_record(config: MergeConfig, inputs: Inputs) -> dict:
+    """The LoRA mode, for fingerprints and provenance of merges whose models are peft adapters."""
+    return {"lora_mode": config.lora_mode} if any(m.is_adapter for m in inputs.models) else {}
 
 
 def chunk_elements_for(config: MergeConfig, inputs: Inputs, plan: OutputPlan, backend) -> tuple[int, list[int], int]:
@@ -253,4 +261,5 @@ def provenance(config: MergeConfig, inputs: Inputs, backend_name: str, copied: l
         "seed": config.seed,
         "backend": backend_name,
         "copied_files": copied,
+        **lora_record(config, inputs),
     }
