@@ -134,6 +134,10 @@ def read_adapter(checkpoint: Checkpoint, base: Checkpoint, mode: str) -> LoraAda
         weight_name = f"{module}.weight"
         target = base.tensors.get(weight_name)
         if target is None:
+            if module.endswith("lm_head") and base.config.get("tie_word_embeddings"):
+                raise DtmError(f"{checkpoint.label}: module {module!r} adapts lm_head, which {base.label} ties to "
+                               "the input embeddings (tie_word_embeddings); adapters of a tied lm_head are not "
+                               "supported")
             raise DtmError(f"{checkpoint.label}: module {module!r} adapts {weight_name!r}, which {base.label} does "
                            "not hold; was the adapter trained on another base model?")
         if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:

@@ -43,7 +43,8 @@ def lora_family(tmp_path_factory):
     torch.manual_seed(4321)
     config = tiny_llama_config()
     base_model = transformers.LlamaForCausalLM(config).eval()
-    paths = {"base": save_llama(root / "base", base_model.state_dict(), config, torch.float32, shard="1GB")}
+    paths = {"base": save_llama(root / "base", base_model.state_dict(), config, torch.float32, shard="1GB"),
+             "base_bf16": save_llama(root / "base-bf16", base_model.state_dict(), config, torch.bfloat16)}
     for name, (rank, alpha, rslora, targets, seed) in ADAPTERS.items():
         lora = peft.LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rslora, target_modules=targets,
                                lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
@@ -155,6 +156,49 @@ def test_materialize_applies_any_method_to_the_sub_models(lora_family, tmp_path)
         params = config.tensor_params(key, None, None)
         expected = method.reference(params, value, [value + d[key] for d in deltas], TensorContext(key, value.shape, 0))
         torch.testing.assert_close(state[key], expected, rtol=0, atol=2e-6, msg=key)
+
+
+def test_materialize_on_a_bf16_base_rounds_once_from_fp32_sub_models(lora_family, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "bf16"
+    code = dtm(["merge", "--base", str(lora_family["base_bf16"]), str(lora_family["a0"]), str(lora_family["a2"]),
+                "-o", str(out), "--weights", "3", "1", "--backend", "reference", "--quiet"])
+    assert code == 0
+    base = load_state(lora_family["base_bf16"])
+    state = load_state(out)
+    expected = {key: value.float() for key, value in base.items()}
+    for name, coefficient in (("a0", 0.75), ("a2", 0.25)):  # s = alpha / r for a0, alpha / sqrt(r) for a2
+        rank, alpha, rslora = ADAPTERS[name][:3]
+        scale = alpha / rank ** 0.5 if rslora else alpha / rank
+        factors = load_file(str(lora_family[name] / "adapter_model.safetensors"))
+        for key in factors:
+            if key.endswith("lora_A.weight"):
+                module = key[len("base_model.model."): -len(".lora_A.weight")]
+                b = factors[key.replace("lora_A", "lora_B")]
+                expected[f"{module}.weight"] += coefficient * scale * (b @ factors[key])
+    for key, value in base.items():
+        assert state[key].dtype == torch.bfloat16
+        want = expected[key].to(torch.bfloat16).float()
+        # one rounding from fp32: at most one bf16 ulp apart (fp32 summation order may differ)
+        assert ((state[key].float() - want).abs() <= want.abs() * 2.0**-7 + 1e-30).all(), key
+        if "proj" not in key:
+            assert torch.equal(state[key], value), key
+
+
+def test_materialize_resumes_from_a_partial_output_to_the_same_bytes(lora_family, tmp_path):
+    options = ["--method", "ties", "--density", "0.6", "--max-shard-size", "60KB"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert merge(lora_family, ["a0", "a3"], whole, *options) == 0
+    # one of two processes finishes its shards and leaves the partial directory for the other ...
+    assert merge(lora_family, ["a0", "a3"], resumed, *options, "--num-shards", "2", "--shard-index", "0") == 0
+    assert not resumed.exists() and (tmp_path / "resumed.dtm-partial").is_dir()
+    # ... and a single --resume run completes it
+    assert merge(lora_family, ["a0", "a3"], resumed, *options, "--resume") == 0
+    files = sorted(p.name for p in whole.glob("*.safetensors"))
+    assert len(files) > 2 and files == sorted(p.name for p in resumed.glob("*.safetensors"))
+    for name in files:
+        assert (whole / name).read_bytes() == (resumed / name).read_bytes(), name
 
 
 def test_factor_average_is_the_paper_codes_product_of_averages(lora_family, tmp_path):
