@@ -1,0 +1,324 @@
+"""The `cpu` backend: the chunk operations of the reference backend run by libdtm_kernels (kernels/,
+C++ with OpenMP, loaded with ctypes).
+
+Each method takes and returns exactly what ReferenceBackend's does and produces bit-identical
+results on bf16/fp16/fp32 inputs (tests/kernels checks every operation against it); reductions in
+double may differ from torch's summation order in the last bits. Dtypes the kernels do not handle
+(float64, integers, fp8) go to the reference backend, so no call is refused.
+
+The library is looked up, lazily, in the package's `_native/` folders (where `pip install` puts it)
+and first at the path in $DTM_FAST_KERNELS; a library with another ABI version is rejected.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from dtm_fast.merge.backends.reference import GtaSpec, ReferenceBackend, Sparsify
+
+log = logging.getLogger(__name__)
+
+ABI_VERSION = 2  # must equal DTM_KERNELS_ABI_VERSION in kernels/dtm_kernels.h
+LIBRARY_NAME = "libdtm_kernels.so"
+ENV_PATH = "DTM_FAST_KERNELS"
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+SPARSIFY_KINDS = {"none": 0, "band": 1, "random": 2}
+CONSENSUS_CODES = {None: 0, "sum": 1, "count": 2}
+ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512"}
+
+
+class SparsifyStruct(ctypes.Structure):
+    """Mirror of `dtm_sparsify` in kernels/dtm_kernels.h (40 bytes)."""
+
+    _fields_ = [
+        ("kind", ctypes.c_int32), ("threshold", ctypes.c_int32),
+        ("low_key", ctypes.c_int64), ("high_key", ctypes.c_int64),
+        ("key_low", ctypes.c_uint32), ("key_high", ctypes.c_uint32),
+        ("scale", ctypes.c_float), ("reserved", ctypes.c_int32),
+    ]
+
+
+_library: ctypes.CDLL | None = None
+_problem: str | None = None
+_looked = False
+
+
+def _candidate_paths() -> list[Path]:
+    paths = []
+    if os.environ.get(ENV_PATH):
+        paths.append(Path(os.environ[ENV_PATH]))
+    import dtm_fast
+
+    for entry in dtm_fast.__path__:
+        paths.append(Path(entry) / "_native" / LIBRARY_NAME)
+    return paths
+
+
+def _declare(library: ctypes.CDLL) -> None:
+    p, i32, i64, f32, f64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_double
+    pp = ctypes.POINTER(ctypes.c_void_p)
+    pf = ctypes.POINTER(ctypes.c_float)
+    rule = ctypes.POINTER(SparsifyStruct)
+    signatures = {
+        "dtm_kernels_isa": [],
+        "dtm_kernels_set_isa": [i32],
+        "dtm_linear": [p, i32, pp, i32, i64, pf, i64],
+        "dtm_gta": [p, i32, p, pp, i32, i64, pf, rule, i32, i32, f32, f32, i64, i64],
+        "dtm_abs_delta_histogram": [p, p, i32, i64, p, ctypes.c_int32],
+        "dtm_masked_l1": [p, p, i32, i64, rule, i64, ctypes.POINTER(ctypes.c_double)],
+        "dtm_delta_gram": [p, pp, i32, i64, i64, p],
+        "dtm_model_stock_combine": [p, i32, p, pp, i32, i64, f32, f32, i64],
+        "dtm_model_stock_rows": [p, i32, p, pp, i32, i64, i64, i64],
+        "dtm_slerp_rows": [p, i32, p, p, i32, i64, i64, f64],
+        "dtm_fisher": [p, i32, pp, i32, pp, i32, i64, pf, f32, i64],
+        "dtm_dare_keep_mask": [p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int32, i64, i64],
+    }
+    for name, argtypes in signatures.items():
+        function = getattr(library, name)
+        function.argtypes = argtypes
+        function.restype = ctypes.c_int
+
+
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    tried = []
+    for path in _candidate_paths():
+        if not path.is_file():
+            tried.append(str(path))
+            continue
+        try:
+            library = ctypes.CDLL(str(path))
+        except OSError as error:
+            return None, f"{path} does not load ({error}); rebuild with `pip install -e .`"
+        version_function = getattr(library, "dtm_kernels_abi_version", None)
+        if version_function is None:
+            return None, f"{path} is not a dtm_fast kernel library (no dtm_kernels_abi_version)"
+        version_function.restype = ctypes.c_int
+        version = version_function()
+        if version != ABI_VERSION:
+            return None, (f"{path} has kernel ABI version {version}, this dtm_fast needs {ABI_VERSION}; "
+                          "rebuild it with `pip install -e .`")
+        try:
+            _declare(library)
+        except AttributeError as error:
+            return None, f"{path} lacks a kernel ({error}); rebuild it with `pip install -e .`"
+        log.debug("native kernels loaded from %s", path)
+        return library, None
+    return None, f"{LIBRARY_NAME} not found (looked in {', '.join(tried)}); build it with `pip install -e .`"
+
+
+def unavailable_reason() -> str | None:
+    """Why the cpu backend cannot run here, or None. Loads the library once and caches the answer."""
+    global _library, _problem, _looked
+    if not _looked:
+        _library, _problem = _load()
+        _looked = True
+    return _problem
+
+
+def _lib() -> ctypes.CDLL:
+    problem = unavailable_reason()
+    if problem is not None:
+        raise RuntimeError(f"the cpu backend cannot run: {problem}")
+    return _library
+
+
+def kernels_isa() -> str:
+    """The instruction set the kernels run with on this CPU (generic, avx2 or avx512)."""
+    return ISA_NAMES[_lib().dtm_kernels_isa()]
+
+
+def set_kernels_isa(name: str) -> None:
+    """Force an instruction set (tests compare them); ValueError when the CPU lacks it."""
+    code = {v: k for k, v in ISA_NAMES.items()}[name]
+    if _lib().dtm_kernels_set_isa(code) != 0:
+        raise ValueError(f"this CPU cannot run the {name} kernels")
+
+
+def _check(status: int, operation: str) -> None:
+    if status != 0:
+        raise ValueError(f"libdtm_kernels {operation} rejected its arguments (status {status})")
+
+
+def _pointers(tensors: Sequence[torch.Tensor]):
+    return (ctypes.c_void_p * max(1, len(tensors)))(*[t.data_ptr() for t in tensors])
+
+
+def _floats(values: Sequence[float]):
+    return (ctypes.c_float * max(1, len(values)))(*[float(v) for v in values])
+
+
+def _sparsify(rule: Sparsify) -> SparsifyStruct:
+    if rule.kind not in SPARSIFY_KINDS:
+        raise ValueError(f"unknown sparsification {rule.kind!r}")
+    return SparsifyStruct(SPARSIFY_KINDS[rule.kind], rule.threshold, rule.low_key, rule.high_key,
+                          rule.philox_key[0], rule.philox_key[1], rule.scale, 0)
+
+
+def _same_length(out: torch.Tensor | None, tensors: Sequence[torch.Tensor], operation: str) -> int:
+    count = out.numel() if out is not None else tensors[0].numel()
+    for tensor in tensors:
+        if tensor.numel() != count:
+            raise ValueError(f"{operation}: chunk inputs have {tensor.numel()} and {count} elements")
+    return count
+
+
+def _native_inputs(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+    """The inputs as contiguous CPU tensors of one kernel dtype, or None when the kernels cannot take
+    them (unsupported dtype). Mixed bf16/fp16/fp32 inputs are widened to fp32, which is exact."""
+    if any(t.device.type != "cpu" for t in tensors):
+        raise ValueError("the cpu backend takes CPU tensors")
+    dtypes = {t.dtype for t in tensors}
+    if not dtypes <= DTYPE_CODES.keys():
+        return None
+    if len(dtypes) > 1:
+        tensors = [t.float() for t in tensors]
+    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+
+class _Output:
+    """A contiguous output the kernels can write (a temporary when `out` is not), copied back."""
+
+    def __init__(self, out: torch.Tensor):
+        self.out = out
+        self.target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype)
+
+    def finish(self) -> None:
+        if self.target is not self.out:
+            self.out.copy_(self.target)
+
+
+class CpuBackend:
+    name = "cpu"
+
+    def __init__(self) -> None:
+        self._lib = _lib()
+        self._reference = ReferenceBackend()
+
+    def workspace_bytes_per_element(self, num_inputs: int) -> int:
+        # Tiles live on the stack; reductions keep a few doubles per 2048-element block
+        # (K(K+1)/2 for the Gram matrix), far below one byte per element.
+        return 1
+
+    def linear(self, out, models, coefficients) -> None:
+        inputs = _native_inputs(models)
+        if inputs is None or out.dtype not in DTYPE_CODES:
+            return self._reference.linear(out, models, coefficients)
+        count = _same_length(out, inputs, "linear")
+        target = _Output(out)
+        _check(self._lib.dtm_linear(target.target.data_ptr(), DTYPE_CODES[out.dtype], _pointers(inputs),
+                                    DTYPE_CODES[inputs[0].dtype] if inputs else 0, len(inputs),
+                                    _floats(coefficients), count), "linear")
+        target.finish()
+
+    def gta(self, out, base, models, spec: GtaSpec, start: int) -> None:
+        inputs = _native_inputs([base, *models])
+        if inputs is None or out.dtype not in DTYPE_CODES:
+            return self._reference.gta(out, base, models, spec, start)
+        count = _same_length(out, inputs, "gta")
+        if spec.consensus not in CONSENSUS_CODES:
+            raise ValueError(f"unknown consensus {spec.consensus!r}")
+        rules = (SparsifyStruct * max(1, len(models)))(*[_sparsify(rule) for rule in spec.sparsify])
+        total = float(sum(spec.weights))
+        divisor = 1.0 if abs(total) < 1e-8 else total  # as the reference, without consensus
+        target = _Output(out)
+        _check(self._lib.dtm_gta(target.target.data_ptr(), DTYPE_CODES[out.dtype], inputs[0].data_ptr(),
+                                 _pointers(inputs[1:]), DTYPE_CODES[inputs[0].dtype], len(models),
+                                 _floats(spec.weights), rules, CONSENSUS_CODES[spec.consensus],
+                                 int(spec.normalize), divisor, spec.lambda_, start, count), "gta")
+        target.finish()
+
+    def abs_delta_histogram(self, base, model, histogram, bucket) -> None:
+        inputs = _native_inputs([base, model])
+        if (inputs is None or histogram.dtype != torch.int64 or not histogram.is_contiguous()
+                or histogram.numel() != 1 << 16):
+            return self._reference.abs_delta_histogram(base, model, histogram, bucket)
+        count = _same_length(None, inputs, "abs_delta_histogram")
+        _check(self._lib.dtm_abs_delta_histogram(inputs[0].data_ptr(), inputs[1].data_ptr(),
+                                                 DTYPE_CODES[inputs[0].dtype], count, histogram.data_ptr(),
+                                                 -1 if bucket is None else int(bucket)), "abs_delta_histogram")
+
+    def masked_l1(self, base, model, rule: Sparsify, start: int) -> tuple[float, float]:
+        inputs = _native_inputs([base, model])
+        if inputs is None:
+            return self._reference.masked_l1(base, model, rule, start)
+        count = _same_length(None, inputs, "masked_l1")
+        result = (ctypes.c_double * 2)()
+        _check(self._lib.dtm_masked_l1(inputs[0].data_ptr(), inputs[1].data_ptr(), DTYPE_CODES[inputs[0].dtype],
+                                       count, ctypes.byref(_sparsify(rule)), start, result), "masked_l1")
+        return float(result[0]), float(result[1])
+
+    def delta_gram(self, base, models) -> torch.Tensor:
+        inputs = _native_inputs([base, *models])
+        if inputs is None:
+            return self._reference.delta_gram(base, models)
+        count = _same_length(None, inputs, "delta_gram")
+        gram = torch.zeros((len(models), len(models)), dtype=torch.float64)
+        _check(self._lib.dtm_delta_gram(inputs[0].data_ptr(), _pointers(inputs[1:]), DTYPE_CODES[inputs[0].dtype],
+                                        len(models), count, gram.data_ptr()), "delta_gram")
+        return gram
+
+    def model_stock_combine(self, out, base, models, ratio: float) -> None:
+        inputs = _native_inputs([base, *models])
+        if inputs is None or out.dtype not in DTYPE_CODES or not models:
+            return self._reference.model_stock_combine(out, base, models, ratio)
+        count = _same_length(out, inputs, "model_stock_combine")
+        target = _Output(out)
+        _check(self._lib.dtm_model_stock_combine(target.target.data_ptr(), DTYPE_CODES[out.dtype],
+                                                 inputs[0].data_ptr(), _pointers(inputs[1:]),
+                                                 DTYPE_CODES[inputs[0].dtype], len(models), ratio, 1 - ratio,
+                                                 count), "model_stock_combine")
+        target.finish()
+
+    def model_stock_rows(self, out, base, models, row_length: int) -> None:
+        inputs = _native_inputs([base, *models])
+        if inputs is None or out.dtype not in DTYPE_CODES or len(models) < 2 or row_length <= 0:
+            return self._reference.model_stock_rows(out, base, models, row_length)
+        count = _same_length(out, inputs, "model_stock_rows")
+        if count % row_length:
+            raise ValueError(f"model_stock_rows: {count} elements are not whole rows of {row_length}")
+        target = _Output(out)
+        _check(self._lib.dtm_model_stock_rows(target.target.data_ptr(), DTYPE_CODES[out.dtype],
+                                              inputs[0].data_ptr(), _pointers(inputs[1:]),
+                                              DTYPE_CODES[inputs[0].dtype], len(models), count // row_length,
+                                              row_length), "model_stock_rows")
+        target.finish()
+
+    def slerp_rows(self, out, first, second, row_length: int, t: float) -> None:
+        inputs = _native_inputs([first, second])
+        if inputs is None or out.dtype not in DTYPE_CODES or row_length <= 0:
+            return self._reference.slerp_rows(out, first, second, row_length, t)
+        count = _same_length(out, inputs, "slerp_rows")
+        if count % row_length:
+            raise ValueError(f"slerp_rows: {count} elements are not whole rows of {row_length}")
+        target = _Output(out)
+        _check(self._lib.dtm_slerp_rows(target.target.data_ptr(), DTYPE_CODES[out.dtype], inputs[0].data_ptr(),
+                                        inputs[1].data_ptr(), DTYPE_CODES[inputs[0].dtype], count // row_length,
+                                        row_length, float(t)), "slerp_rows")
+        target.finish()
+
+    def fisher(self, out, models, fishers, weights, epsilon: float) -> None:
+        model_inputs = _native_inputs(models)
+        fisher_inputs = _native_inputs(fishers)
+        if model_inputs is None or fisher_inputs is None or out.dtype not in DTYPE_CODES or not models:
+            return self._reference.fisher(out, models, fishers, weights, epsilon)
+        count = _same_length(out, [*model_inputs, *fisher_inputs], "fisher")
+        target = _Output(out)
+        _check(self._lib.dtm_fisher(target.target.data_ptr(), DTYPE_CODES[out.dtype], _pointers(model_inputs),
+                                    DTYPE_CODES[model_inputs[0].dtype], _pointers(fisher_inputs),
+                                    DTYPE_CODES[fisher_inputs[0].dtype], len(models), _floats(weights), epsilon,
+                                    count), "fisher")
+        target.finish()
+
+    def keep_mask(self, key: tuple[int, int], start: int, count: int, threshold: int) -> torch.Tensor:
+        """DARE's keep-mask for elements start .. start+count-1 (rng.keep_mask, natively)."""
+        mask = torch.empty(count, dtype=torch.bool)
+        _check(self._lib.dtm_dare_keep_mask(mask.data_ptr(), key[0], key[1], threshold, start, count),
+               "dare_keep_mask")
+        return mask
