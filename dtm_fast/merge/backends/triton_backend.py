@@ -113,6 +113,8 @@ class TritonBackend:
 
         self.kernels = triton_kernels
         self.device = torch.device(device if device is not None else ("cpu" if interpreting() else "cuda"))
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.on_cuda = self.device.type == "cuda"
         if not self.on_cuda:
             self.wants_pinned_buffers = False

@@ -131,9 +131,11 @@ def linear_kernel(out_ptr, models_ptr, model_stride, coefficients_ptr, n,
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < n
     accumulator = tl.zeros((BLOCK,), tl.float32)
+    row_offsets = offsets  # int64: row i starts i * model_stride elements in, past 2**31 in large chunks
     for i in tl.static_range(K):
-        model = load_f32(models_ptr + i * model_stride + offsets, inside, MODEL_KIND)
+        model = load_f32(models_ptr + row_offsets, inside, MODEL_KIND)
         accumulator = accumulator + model * tl.load(coefficients_ptr + i)
+        row_offsets = row_offsets + model_stride
     store_f32(out_ptr + offsets, accumulator, inside, OUT_KIND)
 
 
@@ -147,8 +149,10 @@ def gta_kernel(out_ptr, base_ptr, models_ptr, model_stride, int_params_ptr, floa
     inside = offsets < n
     base = load_f32(base_ptr + offsets, inside, BASE_KIND)
     weighted = ()
+    row_offsets = offsets
     for i in tl.static_range(K):
-        model = load_f32(models_ptr + i * model_stride + offsets, inside, MODEL_KIND)
+        model = load_f32(models_ptr + row_offsets, inside, MODEL_KIND)
+        row_offsets = row_offsets + model_stride
         delta = sparsified_delta(model, base, offsets, start, int_params_ptr + i * 5,
                                  tl.load(float_params_ptr + K + i), (SPARSIFY_KINDS >> (2 * i)) & 3)
         weighted = weighted + (delta * tl.load(float_params_ptr + i),)
@@ -189,8 +193,10 @@ def model_stock_kernel(out_ptr, base_ptr, models_ptr, model_stride, ratio_ptr, c
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < n
     average = tl.zeros((BLOCK,), tl.float32)
+    row_offsets = offsets
     for i in tl.static_range(K):
-        average = average + load_f32(models_ptr + i * model_stride + offsets, inside, MODEL_KIND)
+        average = average + load_f32(models_ptr + row_offsets, inside, MODEL_KIND)
+        row_offsets = row_offsets + model_stride
     average = tl.math.div_rn(average, tl.full((BLOCK,), K, tl.float32))
     base = load_f32(base_ptr + offsets, inside, BASE_KIND)
     if PER_ROW:
@@ -226,11 +232,15 @@ def fisher_kernel(out_ptr, models_ptr, model_stride, fishers_ptr, fisher_stride,
     epsilon = tl.load(float_params_ptr + K)
     numerator = tl.zeros((BLOCK,), tl.float32)
     denominator = tl.zeros((BLOCK,), tl.float32)
+    model_offsets = offsets
+    fisher_offsets = offsets
     for i in tl.static_range(K):
-        fisher = load_f32(fishers_ptr + i * fisher_stride + offsets, inside, FISHER_KIND)
+        fisher = load_f32(fishers_ptr + fisher_offsets, inside, FISHER_KIND)
         importance = (fisher + epsilon) * tl.load(float_params_ptr + i)
-        numerator = numerator + importance * load_f32(models_ptr + i * model_stride + offsets, inside, MODEL_KIND)
+        numerator = numerator + importance * load_f32(models_ptr + model_offsets, inside, MODEL_KIND)
         denominator = denominator + importance
+        model_offsets = model_offsets + model_stride
+        fisher_offsets = fisher_offsets + fisher_stride
     store_f32(out_ptr + offsets, tl.math.div_rn(numerator, denominator), inside, OUT_KIND)
 
 
@@ -296,7 +306,8 @@ def row_gram_kernel(gram_ptr, base_ptr, inputs_ptr, input_stride, n, row_length,
         offsets = row_start + columns
         inside = (columns < row_length) & (offsets < n)
         tile_mask = (which[:, None] < M) & inside[None, :]
-        tile = load_f32(inputs_ptr + which[:, None] * input_stride + offsets[None, :], tile_mask, INPUT_KIND)
+        tile = load_f32(inputs_ptr + which.to(tl.int64)[:, None] * input_stride + offsets[None, :], tile_mask,
+                        INPUT_KIND)
         if SUBTRACT_BASE:
             base = load_f32(base_ptr + offsets, inside, BASE_KIND)
             tile = tile - base[None, :]
