@@ -55,7 +55,7 @@ inline void store_tile(void* dst, int dtype, int64_t offset, const float* __rest
 // A sparsify rule in the form the inner loops use: unsigned key bounds (keys are 0 .. 2^31-1).
 struct Rule {
   int kind;
-  uint32_t low, high;  // band: keep low <= key <= high; an empty band has low > high
+  int32_t low, high;  // band: keep low <= key <= high; an empty band has low > high
   uint32_t threshold;
   float scale;
   PhiloxKeys keys;
@@ -67,8 +67,8 @@ struct Rule {
       low = 1;  // nothing is kept
       high = 0;
     } else {
-      low = uint32_t(rule.low_key < 0 ? 0 : rule.low_key);
-      high = uint32_t(rule.high_key > max_key ? max_key : rule.high_key);
+      low = int32_t(rule.low_key < 0 ? 0 : rule.low_key);
+      high = int32_t(rule.high_key > max_key ? max_key : rule.high_key);
     }
   }
 };
@@ -78,19 +78,20 @@ inline bool valid_rule(const dtm_sparsify& rule) {
   return rule.kind == DTM_SPARSIFY_NONE || rule.kind == DTM_SPARSIFY_BAND;
 }
 
-// keep[i] = 1 where element (start + offset + i) survives the rule (band / random only).
-inline void keep_flags(uint8_t* __restrict keep, const float* __restrict delta, const Rule& rule, int64_t index0,
+// keep[i] = all ones where element index0 + i survives the rule (band / random only), else 0: a bit
+// mask, so that the selects below are and/or on bit patterns and vectorise on every instruction set.
+inline void keep_flags(uint32_t* __restrict keep, const float* __restrict delta, const Rule& rule, int64_t index0,
                        int64_t count) {
   if (rule.kind == DTM_SPARSIFY_BAND) {
-    const uint32_t low = rule.low, high = rule.high;
+    const int32_t low = rule.low, high = rule.high;
     for (int64_t i = 0; i < count; ++i) {
-      const uint32_t key = bits_from_float(delta[i]) & 0x7FFFFFFFu;
-      keep[i] = uint8_t((key >= low) & (key <= high));
+      const int32_t key = int32_t(bits_from_float(delta[i]) & 0x7FFFFFFFu);
+      keep[i] = (0u - uint32_t(key >= low)) & (0u - uint32_t(key <= high));
     }
   } else {
     const uint32_t threshold = rule.threshold;
     for (int64_t i = 0; i < count; ++i)
-      keep[i] = uint8_t((philox_word0(uint64_t(index0 + i), rule.keys) >> 8) < threshold);
+      keep[i] = 0u - uint32_t((philox_word0(uint64_t(index0 + i), rule.keys) >> 8) < threshold);
   }
 }
 
@@ -114,7 +115,7 @@ int linear(void* out, int out_dtype, const void* const* models, int dtype, int64
 }
 
 // One model's weighted, sparsified delta for a tile: reference.gta's `weighted` entry.
-inline void weighted_delta(float* __restrict weighted, uint8_t* __restrict keep, const float* __restrict base,
+inline void weighted_delta(float* __restrict weighted, uint32_t* __restrict keep, const float* __restrict base,
                            const void* model, int dtype, const Rule& rule, float weight, int64_t index0,
                            int64_t offset, int64_t count) {
   load_tile(weighted, model, dtype, offset, count);
@@ -124,8 +125,12 @@ inline void weighted_delta(float* __restrict weighted, uint8_t* __restrict keep,
     return;
   }
   keep_flags(keep, weighted, rule, index0, count);
-  const float scale = rule.scale, dropped = 0.0f * weight;  // -0 for a negative weight, as torch
-  for (int64_t i = 0; i < count; ++i) weighted[i] = keep[i] ? (weighted[i] * scale) * weight : dropped;
+  const float scale = rule.scale;
+  const uint32_t dropped = bits_from_float(0.0f * weight);  // -0 for a negative weight, as torch
+  for (int64_t i = 0; i < count; ++i) {
+    const uint32_t kept = bits_from_float((weighted[i] * scale) * weight);
+    weighted[i] = float_from_bits((kept & keep[i]) | (dropped & ~keep[i]));
+  }
 }
 
 int gta(void* out, int out_dtype, const void* base_data, const void* const* models, int dtype, int64_t num_models,
@@ -147,7 +152,7 @@ int gta(void* out, int out_dtype, const void* base_data, const void* const* mode
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const int64_t offset = tile * kTile, count = n - offset < kTile ? n - offset : kTile;
       float base[kTile], mixed[kTile], total[kTile];
-      uint8_t keep[kTile];
+      uint32_t keep[kTile];
       load_tile(base, base_data, dtype, offset, count);
       for (int64_t m = 0; m < num_models; ++m)
         weighted_delta(&stacked[size_t(m) * kTile], keep, base, models[m], dtype, prepared[size_t(m)], weights[m],
@@ -162,14 +167,14 @@ int gta(void* out, int out_dtype, const void* base_data, const void* const* mode
           for (int64_t i = 0; i < count; ++i) mixed[i] /= divisor;
       } else {
         // Elect a sign per element: by the sum (TIES) or by counting signs; NaN sums elect negative.
-        uint8_t positive_wins[kTile];
+        uint32_t positive_wins[kTile];
         if (consensus == DTM_CONSENSUS_SUM) {
           for (int64_t i = 0; i < count; ++i) total[i] = 0.0f;
           for (int64_t m = 0; m < num_models; ++m) {
             const float* row = &stacked[size_t(m) * kTile];
             for (int64_t i = 0; i < count; ++i) total[i] += row[i];
           }
-          for (int64_t i = 0; i < count; ++i) positive_wins[i] = uint8_t(total[i] >= 0.0f);
+          for (int64_t i = 0; i < count; ++i) positive_wins[i] = 0u - uint32_t(total[i] >= 0.0f);
         } else {
           int32_t votes[kTile];
           for (int64_t i = 0; i < count; ++i) votes[i] = 0;
@@ -177,21 +182,25 @@ int gta(void* out, int out_dtype, const void* base_data, const void* const* mode
             const float* row = &stacked[size_t(m) * kTile];
             for (int64_t i = 0; i < count; ++i) votes[i] += int32_t(row[i] > 0.0f) - int32_t(row[i] < 0.0f);
           }
-          for (int64_t i = 0; i < count; ++i) positive_wins[i] = uint8_t(votes[i] >= 0);
+          for (int64_t i = 0; i < count; ++i) positive_wins[i] = 0u - uint32_t(votes[i] >= 0);
         }
         float kept_weight[kTile];
         for (int64_t i = 0; i < count; ++i) kept_weight[i] = 0.0f;
         for (int64_t m = 0; m < num_models; ++m) {
           const float* row = &stacked[size_t(m) * kTile];
-          const float weight = weights[m];
+          const uint32_t weight = bits_from_float(weights[m]);
           for (int64_t i = 0; i < count; ++i) {
-            const bool agree = positive_wins[i] ? row[i] > 0.0f : row[i] < 0.0f;
-            mixed[i] += agree ? row[i] : 0.0f;
-            kept_weight[i] += agree ? weight : 0.0f;
+            const uint32_t wins = positive_wins[i];
+            const uint32_t agree = (wins & (0u - uint32_t(row[i] > 0.0f))) | (~wins & (0u - uint32_t(row[i] < 0.0f)));
+            mixed[i] += float_from_bits(bits_from_float(row[i]) & agree);  // +0 where it disagrees
+            kept_weight[i] += float_from_bits(weight & agree);
           }
         }
         if (normalize)
-          for (int64_t i = 0; i < count; ++i) mixed[i] /= (kept_weight[i] == 0.0f ? 1.0f : kept_weight[i]);
+          for (int64_t i = 0; i < count; ++i) {  // a zero divisor becomes 1 (nothing agreed)
+            const uint32_t vanished = 0u - uint32_t(kept_weight[i] == 0.0f);
+            mixed[i] /= float_from_bits((bits_from_float(kept_weight[i]) & ~vanished) | (0x3F800000u & vanished));
+          }
       }
       for (int64_t i = 0; i < count; ++i) mixed[i] = base[i] + mixed[i] * lambda;
       store_tile(out, out_dtype, offset, mixed, count);
@@ -258,14 +267,14 @@ int masked_l1(const void* base, const void* model, int dtype, int64_t n, const d
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t offset = tile * kTile, count = n - offset < kTile ? n - offset : kTile;
     float delta[kTile], scratch[kTile];
-    uint8_t keep[kTile];
+    uint32_t keep[kTile];
     abs_delta_tile(delta, scratch, base, model, dtype, offset, count);
-    if (rule.kind == DTM_SPARSIFY_NONE) for (int64_t i = 0; i < count; ++i) keep[i] = 1;
+    if (rule.kind == DTM_SPARSIFY_NONE) for (int64_t i = 0; i < count; ++i) keep[i] = ~0u;
     else keep_flags(keep, delta, rule, start + offset, count);
     double total = 0.0, kept = 0.0;
     for (int64_t i = 0; i < count; ++i) {
       total += double(delta[i]);
-      kept += keep[i] ? double(delta[i]) : 0.0;
+      kept += double(float_from_bits(bits_from_float(delta[i]) & keep[i]));
     }
     partial[size_t(2 * tile)] = total;
     partial[size_t(2 * tile + 1)] = kept;
@@ -496,7 +505,9 @@ int dare_keep_mask(uint8_t* mask, uint32_t key_low, uint32_t key_high, int32_t t
 #pragma omp parallel for schedule(static) if (tiles >= kMinParallelTiles)
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t offset = tile * kTile, count = n - offset < kTile ? n - offset : kTile;
-    keep_flags(mask + offset, nullptr, rule, start + offset, count);
+    uint32_t keep[kTile];
+    keep_flags(keep, nullptr, rule, start + offset, count);
+    for (int64_t i = 0; i < count; ++i) mask[offset + i] = uint8_t(keep[i] & 1u);
   }
   return 0;
 }
