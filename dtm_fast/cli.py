@@ -19,6 +19,7 @@ COMMANDS = [
     ("eval", "dtm_fast.eval.cli", "evaluate models with lm-evaluation-harness and write the alignment-tax report"),
     ("train", "dtm_fast.train.cli", "fine-tune one sub-model (full or LoRA) on one data portion; FSDP2 over many GPUs"),
     ("bench", "dtm_fast.bench.cli", "benchmarks: merge and train throughput against peer tools"),
+    ("run", "dtm_fast.run.cli", "the whole DTM experiment from one YAML file (resumable; --dry-run, --emit slurm)"),
 ]
 
 
