@@ -1,6 +1,6 @@
 """Every kernel launch the Triton backend makes, compiled for real CUDA targets on a machine without a
 GPU: Triton's compiler (and the ptxas it ships) accepts what its interpreter runs, and the PTX keeps the
-reference's rounding: no fused multiply-adds, no approximate division.
+reference's rounding: no fused multiply-adds, no approximate division, no flushing of subnormals.
 
 Runs in the main pytest process (TRITON_INTERPRET must be unset, or kernels are interpreted)."""
 
@@ -83,5 +83,6 @@ def test_every_kernel_compiles_for_cuda_with_reference_rounding():
             assert compiled.asm["cubin"], where
             assert "fma.rn.f32" not in ptx and "fma.rn.f64" not in ptx, f"{where}: fused multiply-add"
             assert "div.full.f32" not in ptx and "div.approx.f32" not in ptx, f"{where}: approximate division"
+            assert ".ftz" not in ptx, f"{where}: subnormals flushed to zero"
             if kernel.__name__ in ("fisher_kernel", "model_stock_kernel") or constexprs.get("NORMALIZE"):
                 assert "div.rn.f32" in ptx, where

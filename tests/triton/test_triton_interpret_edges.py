@@ -8,7 +8,6 @@ pytest.importorskip("triton")
 
 import triton_cases as cases  # noqa: E402
 
-from dtm_fast.merge import rng  # noqa: E402
 from dtm_fast.merge.backends.reference import GtaSpec, ReferenceBackend, Sparsify  # noqa: E402
 from dtm_fast.merge.magnitude import RadixSearch, kth_largest_key_in_memory, magnitude_keys  # noqa: E402
 
@@ -129,4 +128,3 @@ def test_backend_contract_under_the_interpreter(interpreted_backend):
     assert select_backend("triton").name == "triton"
     assert interpreted_backend.wants_pinned_buffers is False  # nothing is copied to a GPU
     assert interpreted_backend.workspace_bytes_per_element(4) > 0
-    assert rng.keep_threshold(1.0) == 1 << 24

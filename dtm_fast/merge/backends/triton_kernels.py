@@ -15,27 +15,16 @@ Why the bit manipulation:
   the x86 result from the input bits: the base's NaN if it is one, else the model's, else (inf - inf)
   the default NaN 0xFFC00000.
 
-Dtype codes (constexpr KIND arguments): 0 = fp32, 1 = fp16, 2 = bf16 passed as int16.
+Codes of the constexpr arguments (set by triton_backend.py): dtype KIND 0 = fp32, 1 = fp16, 2 = bf16
+passed as int16; sparsify kind 0 = none, 1 = magnitude band, 2 = DARE random; CONSENSUS 0 = none,
+1 = sum, 2 = count. A model's integer parameters are 5 int64: low key, high key, Philox key low and
+high words, 24-bit keep threshold.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-KIND_FP32 = 0
-KIND_FP16 = 1
-KIND_BF16 = 2
-
-SPARSIFY_NONE = 0
-SPARSIFY_BAND = 1
-SPARSIFY_RANDOM = 2
-
-CONSENSUS_NONE = 0
-CONSENSUS_SUM = 1
-CONSENSUS_COUNT = 2
-
-INT_PARAMS_PER_MODEL = 5  # low key, high key, Philox key low, Philox key high, 24-bit threshold
 
 PHILOX_M0 = tl.constexpr(0xD2511F53)
 PHILOX_M1 = tl.constexpr(0xCD9E8D57)
