@@ -32,7 +32,7 @@ from dtm_fast.merge.engine import (
 )
 from dtm_fast.merge.lora import LoraAdapter, LoraModule, read_factor
 from dtm_fast.merge.methods.base import TensorContext
-from dtm_fast.merge.plan import OutputPlan, plan_output
+from dtm_fast.merge.plan import OutputPlan, layer_index, plan_output
 from dtm_fast.merge.stream import TORCH_DTYPES, Buffers, Chunk, FileCache, TensorStream
 
 if TYPE_CHECKING:
@@ -108,12 +108,29 @@ def chunk_plan(config: MergeConfig, inputs: "Inputs", plan: OutputPlan, adapters
     return chunk, input_sizes, out_size
 
 
+def check_linear_keeps_the_base(config: MergeConfig, plan: OutputPlan, adapters: Sequence[LoraAdapter]) -> None:
+    """Un-normalised linear weights would scale the base itself by sum(w) in adapted tensors while
+    untouched tensors stay the base's: a model nobody wants. Say what does the intended thing."""
+    if config.method != "linear":
+        return
+    targeted = {name for adapter in adapters for name in adapter.modules}
+    for name in sorted(targeted):
+        params = config.tensor_params(name, layer_index(name), plan.num_layers)
+        total = sum(params.model("weight"))
+        if not params["normalize"] and abs(total - 1) > 1e-6:
+            raise DtmError(f"{config.source}: linear without normalisation and weights summing to {total:g} (tensor "
+                           f"{name!r}) would scale the base weights by {total:g}. To add the adapters' deltas with "
+                           "these weights use --method task_arithmetic (W + sum w_i s_i B_i A_i), or "
+                           "--lora-mode exact-concat")
+
+
 def run_materialize(config: MergeConfig, inputs: "Inputs", adapters: list[LoraAdapter]) -> Path:
     from dtm_fast.merge.backends import select_backend
 
     output = Path(config.output)
     plan = plan_output(inputs.base, config.dtype, config.max_shard_size)
     check_all_params(config, plan)
+    check_linear_keeps_the_base(config, plan, adapters)
     partial = out_io.prepare_partial(output, fingerprint(config, inputs, plan), config.resume, config.overwrite,
                                      shared=config.num_shards > 1)
     mine = [s for i, s in enumerate(plan.shards) if i % config.num_shards == config.shard_index]

@@ -309,6 +309,12 @@ def test_refuses_methods_other_than_linear_outside_materialize(lora_family, tmp_
                               out=tmp_path / "out", parameters={"density": 0.5}))
 
 
+def test_materialize_refuses_unnormalised_linear_weights_that_would_scale_the_base(lora_family, tmp_path, capsys):
+    assert merge(lora_family, ["a0", "a1"], tmp_path / "out", "--no-normalize", "--weights", "1", "1") == 1
+    assert "would scale the base weights by 2" in capsys.readouterr().err
+    assert not (tmp_path / "out.dtm-partial").exists()
+
+
 def test_factor_average_refuses_unequal_ranks(lora_family, tmp_path):
     with pytest.raises(DtmError, match=r"a2/adapter_config.json: field 'r' is 8.*exact-concat"):
         run_merge(lora_config(lora_family, [lora_family["a0"], lora_family["a2"]], "factor-average",
@@ -333,3 +339,67 @@ def test_refuses_an_adapter_of_another_shape(lora_family, tmp_path):
     save_file(tensors, str(target / "adapter_model.safetensors"))
     with pytest.raises(DtmError, match=r"wide.*model.layers.1.self_attn.q_proj.*\[65, 64\].*another base model"):
         run_merge(lora_config(lora_family, [target], out=tmp_path / "out"))
+
+
+# -- memory ----------------------------------------------------------------------------------------
+
+PEAK_SCRIPT = """
+import json, sys
+from pathlib import Path
+from dtm_fast.merge.backends import select_backend
+from dtm_fast.merge.config import MergeConfig, ModelInput
+from dtm_fast.merge.engine import run_merge
+import dtm_fast.merge.lora_materialize  # imports before the baseline
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+base, first, second, budget, out = sys.argv[1:6]
+select_backend("reference")
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current resident size
+baseline = status("VmRSS")
+run_merge(MergeConfig(method="linear", models=(ModelInput(Path(first)), ModelInput(Path(second))), output=Path(out),
+                      base=Path(base), max_memory=int(budget), backend="reference"))
+print(json.dumps({"baseline": baseline, "peak": status("VmHWM")}))
+"""
+
+
+def write_adapter(path: Path, module: str, a: torch.Tensor, b: torch.Tensor, alpha: float) -> Path:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    save_file({f"base_model.model.{module}.lora_A.weight": a, f"base_model.model.{module}.lora_B.weight": b},
+              str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": a.shape[0], "lora_alpha": alpha, "target_modules": [module.split(".")[-1]],
+        "bias": "none", "modules_to_save": None, "use_rslora": False}))
+    return path
+
+
+def test_materialize_peak_memory_stays_within_budget_with_a_tensor_three_times_larger(tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    module = "model.layers.0.mlp.down_proj"
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(6144, 4096, generator=generator)  # 96 MiB against a 32 MiB budget
+    (tmp_path / "base").mkdir()
+    save_file({f"{module}.weight": weight, "model.norm.weight": torch.ones(4096)},
+              str(tmp_path / "base" / "model.safetensors"))
+    factors = [(torch.randn(8, 4096, generator=generator), torch.randn(6144, 8, generator=generator), 16.0),
+               (torch.randn(8, 4096, generator=generator), torch.randn(6144, 8, generator=generator), 4.0)]
+    adapters = [write_adapter(tmp_path / f"a{i}", module, a, b, alpha) for i, (a, b, alpha) in enumerate(factors)]
+    budget = 32 * 2**20
+    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / "base"), *map(str, adapters),
+                             str(budget), str(tmp_path / "out")], capture_output=True, text=True, check=True)
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    above_baseline = measured["peak"] - measured["baseline"]
+    assert above_baseline <= budget, f"peak {above_baseline / 2**20:.1f} MiB above baseline > 32 MiB budget"
+    merged = load_state(tmp_path / "out")
+    expected = weight + sum(0.5 * (alpha / 8) * (b @ a) for a, b, alpha in factors)
+    torch.testing.assert_close(merged[f"{module}.weight"], expected, rtol=0, atol=5e-5)
+    assert torch.equal(merged["model.norm.weight"], torch.ones(4096))
