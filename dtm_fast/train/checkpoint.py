@@ -32,10 +32,12 @@ def complete_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _state_dict_options():
+def _state_dict_options(loading: bool = False):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=True)
+    # frozen weights are absent on purpose; a trainable one missing from the checkpoint already
+    # fails in dcp.load, so loading need not be strict about the frozen ones
+    return StateDictOptions(ignore_frozen_params=True, strict=not loading)
 
 
 def _rng_state(runtime: Runtime) -> dict[str, Any]:
@@ -103,7 +105,7 @@ def load_checkpoint(directory: Path, model: Any, optimizer: Any, scheduler: Any,
         raise DtmError(f"resume: {path} does not match this model and configuration ({error}); "
                        "resume with the config it was written with, or start fresh") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=_state_dict_options())
+                   options=_state_dict_options(loading=True))
     own = path / f"trainer-rank{runtime.rank}.pt"
     trainer_state = torch.load(own if own.is_file() else path / "trainer-rank0.pt", weights_only=False)
     if trainer_state["world_size"] != runtime.world_size:

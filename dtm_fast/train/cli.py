@@ -69,6 +69,8 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
         value = getattr(args, option.lstrip("-").replace("-", "_"))
         if value is not None:
             command += [option, str(value)]
+    if args.nnodes in (None, "1") and not args.rdzv_endpoint and not args.master_addr:
+        command.append("--standalone")  # one node: torchrun picks a free local port
     command += ["-m", "dtm_fast.train"]
     path = _config_path(args)
     if path:

@@ -72,7 +72,7 @@ class TrainConfig:
 
     # export
     export_dtype: str = "auto"          # auto: the base model's dtype (float32 for GGUF)
-    max_shard_size_mb: int = 5000
+    max_shard_size_mb: float = 5000.0   # safetensors shard size of the export
     fisher_samples: int = 0             # >0: write fisher.safetensors estimated on that many examples
 
     def __post_init__(self) -> None:
@@ -90,13 +90,14 @@ class TrainConfig:
         self._check_choice("export_dtype", EXPORT_DTYPE_CHOICES)
         if self.data_format is not None:
             self._check_choice("data_format", ("alpaca", "sharegpt", "messages", "prompt_completion"))
-        for name in ("batch_size", "micro_batch_size", "max_length", "lora_r", "log_every",
-                     "keep_checkpoints", "max_shard_size_mb"):
+        for name in ("batch_size", "micro_batch_size", "max_length", "lora_r", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise DtmError(f"config: {name} must be at least 1, got {getattr(self, name)}")
         for name in ("checkpoint_every", "fisher_samples", "max_grad_norm", "weight_decay", "lora_dropout"):
             if getattr(self, name) < 0:
                 raise DtmError(f"config: {name} must not be negative, got {getattr(self, name)}")
+        if self.max_shard_size_mb <= 0:
+            raise DtmError(f"config: max_shard_size_mb must be positive, got {self.max_shard_size_mb}")
         if not 0 <= self.warmup_ratio < 1:
             raise DtmError(f"config: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.epochs <= 0 and self.max_steps is None:

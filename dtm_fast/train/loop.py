@@ -244,7 +244,7 @@ class Trainer:
                     self.tokenizer.save_pretrained(staging)
             else:
                 exporting.write_hf_weights(staging, self.model, self.export_dtype,
-                                           config.max_shard_size_mb * 1_000_000, runtime)
+                                           int(config.max_shard_size_mb * 1_000_000), runtime)
                 if runtime.is_main:
                     exporting.write_hf_metadata(staging, self.model, self.tokenizer, self.export_dtype, base_dir)
             if fisher_entries is not None:
