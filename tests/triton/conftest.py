@@ -32,3 +32,21 @@ def cuda_backend():
     from dtm_fast.merge.backends.triton_backend import TritonBackend
 
     return TritonBackend()
+
+
+@pytest.fixture(scope="session")
+def bf16_family(tmp_path_factory):
+    """Tiny: one (300, 77) matrix and a vector, several chunks at a 17 MiB budget."""
+    from triton_cases import build_family
+
+    return build_family(tmp_path_factory.mktemp("family"),
+                        {"layers.0.mlp.weight": (300, 77), "layers.0.norm.weight": (77,)})
+
+
+@pytest.fixture(scope="session")
+def large_bf16_family(tmp_path_factory):
+    """A 5632 x 2048 MLP matrix (TinyLlama's) and a vector: many chunks at a 64 MiB budget."""
+    from triton_cases import build_family
+
+    return build_family(tmp_path_factory.mktemp("large-family"),
+                        {"layers.0.mlp.down_proj.weight": (5632, 2048), "layers.0.norm.weight": (2048,)})

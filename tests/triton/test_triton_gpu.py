@@ -54,3 +54,15 @@ def test_row_operations(cuda_backend, rows, row_length):
     cases.check_model_stock(cuda_backend, rows, row_length, torch.bfloat16, torch.bfloat16)
     cases.check_slerp(cuda_backend, rows, row_length, torch.bfloat16, torch.bfloat16)
     cases.check_slerp(cuda_backend, rows, row_length, torch.float32, torch.float32)
+
+
+@pytest.mark.parametrize("method,extra,ulps", [
+    ("linear", [], 1),
+    ("ties", ["--density", "0.3"], 1),
+    ("dare_ties", ["--density", "0.4", "--seed", "5"], 1),
+    ("breadcrumbs", ["--density", "0.5", "--gamma", "0.05", "--rescale", "l1"], 1),
+    ("model_stock", [], 1),
+    ("slerp", ["--t", "0.3"], 1),
+])
+def test_merge_equals_reference_backend(cuda_backend, large_bf16_family, tmp_path, method, extra, ulps):
+    cases.check_merge(large_bf16_family, tmp_path, method, extra, ulps, "64MiB")

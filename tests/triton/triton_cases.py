@@ -171,3 +171,41 @@ def check_dare_masks(backend, count, start, density, seed=3):
     expected = rng.keep_mask(key, start, count, rule.threshold)
     assert torch.equal(kept == 1, expected)
     assert torch.equal(kept[~expected], torch.zeros(int((~expected).sum())))
+
+
+def build_family(root, shapes: dict[str, tuple[int, ...]], seed: int = 41):
+    """A bf16 base and three fine-tunes (base + N(0, 0.01)) as safetensors directories."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    base = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+    paths = []
+    for index in range(4):
+        tensors = {name: value if index == 0 else value + 0.01 * torch.randn(value.shape, generator=generator)
+                   for name, value in base.items()}
+        directory = root / ("base" if index == 0 else f"m{index - 1}")
+        directory.mkdir(parents=True)
+        save_file({name: value.bfloat16() for name, value in tensors.items()}, str(directory / "model.safetensors"))
+        paths.append(directory)
+    return paths
+
+
+def check_merge(family, tmp_path, method, extra, ulps, max_memory):
+    """`dtm merge --backend triton` equals `--backend reference` on the same inputs."""
+    from safetensors.torch import load_file
+
+    from dtm_fast.cli import main as dtm
+
+    base, *models = family
+    if method == "slerp":
+        models = models[:1]
+    outputs = {}
+    for backend in ("reference", "triton"):
+        out = tmp_path / backend
+        code = dtm(["merge", "--method", method, "--base", str(base), *map(str, models), "-o", str(out),
+                    "--backend", backend, "--max-memory", max_memory, "--quiet", *extra])
+        assert code == 0
+        outputs[backend] = load_file(str(out / "model.safetensors"))
+    assert outputs["triton"].keys() == outputs["reference"].keys()
+    for name, expected in outputs["reference"].items():
+        assert_within_one_ulp(outputs["triton"][name], expected, ulps)

@@ -163,7 +163,9 @@ class TritonBackend:
         return self.buffers.get("out", 1, out.numel(), dtype), dtype_code(dtype)
 
     def _finish(self, out: torch.Tensor, result: torch.Tensor) -> None:
-        out.copy_(result[0, :out.numel()], non_blocking=True)
+        # a non-contiguous destination goes through a host temporary that torch fills after the
+        # asynchronous copy would return: copy synchronously then
+        out.copy_(result[0, :out.numel()], non_blocking=out.is_contiguous())
 
     def _parameter_tensor(self, values: Sequence, dtype: torch.dtype) -> torch.Tensor:
         """Device tensor of `values` (converted as torch converts Python scalars), cached by value."""
