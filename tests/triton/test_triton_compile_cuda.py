@@ -20,6 +20,22 @@ POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.int16: "*
                  torch.int64: "*i64", torch.float64: "*fp64"}
 
 
+def argument_type(value):
+    """(type, specialisation) as Triton's launcher derives them from a kernel argument."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+    except ImportError:  # older triton: the plain mapping, without the constant-1 specialisation
+        if isinstance(value, torch.Tensor):
+            return POINTER_TYPES[value.dtype], None
+        if isinstance(value, bool):
+            return "u1", None
+        if isinstance(value, int):
+            return ("i32" if -(1 << 31) <= value < (1 << 31) else "i64"), None
+        return "fp32", None
+    return native_specialize_impl(BaseBackend, value, False, True, True)
+
+
 def recorded_launches():
     """(kernel, signature, constexprs) of every distinct launch made by the operations below."""
     from dtm_fast.merge.backends.triton_backend import TritonBackend
@@ -28,19 +44,15 @@ def recorded_launches():
 
     class Recorder(TritonBackend):
         def _launch(self, kernel, grid, *args, **constexprs):
-            signature = {}
+            signature, constexprs = {}, dict(constexprs)
             for name, value in zip(kernel.arg_names, args):
-                if isinstance(value, torch.Tensor):
-                    signature[name] = POINTER_TYPES[value.dtype]
-                elif isinstance(value, bool):
-                    signature[name] = "i1"
-                elif isinstance(value, int):
-                    signature[name] = "i32" if -(1 << 31) <= value < (1 << 31) else "i64"
-                else:
-                    signature[name] = "fp32"
+                kind, _ = argument_type(value)
+                if kind == "constexpr":  # Triton turns an int argument equal to 1 into a constant
+                    constexprs[name] = value
+                signature[name] = kind
             signature.update({name: "constexpr" for name in constexprs})
-            launches[(kernel.__name__, tuple(signature.items()), tuple(constexprs.items()))] = (kernel, signature,
-                                                                                                constexprs)
+            key = (kernel.__name__, tuple(signature.items()), tuple(constexprs.items()))
+            launches[key] = (kernel, signature, constexprs)
 
     backend = Recorder(device="cpu")  # records instead of launching: nothing runs
     n = 100
@@ -61,6 +73,14 @@ def recorded_launches():
     backend.model_stock_combine(torch.empty(n, dtype=torch.bfloat16), bf16[0], bf16[1:], 0.5)
     backend.model_stock_rows(torch.empty(n, dtype=torch.bfloat16), bf16[0], bf16[1:], 10)
     backend.slerp_rows(torch.empty(n, dtype=torch.bfloat16), bf16[0], bf16[1], 10, 0.5)
+    # single elements and rows of one element: Triton specialises those 1s into constants
+    one = [tensor[:1] for tensor in bf16]
+    backend.gta(torch.empty(1, dtype=torch.bfloat16), one[0], one[1:], spec, 0)
+    backend.linear(torch.empty(1, dtype=torch.bfloat16), one[:1], [1.0])
+    backend.abs_delta_histogram(one[0], one[1], torch.zeros(1 << 16, dtype=torch.int64), None)
+    backend.masked_l1(one[0], one[1], rules[0], 1)
+    backend.model_stock_rows(torch.empty(n, dtype=torch.bfloat16), bf16[0], bf16[1:], 1)
+    backend.slerp_rows(torch.empty(n, dtype=torch.bfloat16), bf16[0], bf16[1], 1, 0.5)
     return list(launches.values())
 
 

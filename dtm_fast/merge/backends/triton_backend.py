@@ -39,16 +39,14 @@ def interpreting() -> bool:
 
 def unavailable_reason() -> str | None:
     """Why the Triton backend cannot run here, or None when it can."""
+    if not interpreting() and not torch.cuda.is_available():  # checked first: importing triton takes a while
+        return "CUDA is not available (this torch build or machine has no usable GPU)"
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install 'dtm_fast[triton]')"
     try:
         import triton  # noqa: F401  (a broken installation fails here)
     except Exception as error:  # any import failure means the backend cannot run
         return f"triton does not import: {error}"
-    if interpreting():
-        return None
-    if not torch.cuda.is_available():
-        return "CUDA is not available (this torch build or machine has no usable GPU)"
     return None
 
 
