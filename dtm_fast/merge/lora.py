@@ -156,6 +156,11 @@ def read_adapter(checkpoint: Checkpoint, base: Checkpoint, mode: str) -> LoraAda
     return LoraAdapter(checkpoint, rank, float(alpha), use_rslora, modules)
 
 
+def _unordered(target_modules):
+    """target_modules is a list of names (order irrelevant) or one regular expression."""
+    return sorted(target_modules) if isinstance(target_modules, list) else target_modules
+
+
 def _check_same_family(adapters: list[LoraAdapter], mode: str) -> None:
     """Adapters that are combined into one adapter must target the same modules of the same base."""
     first = adapters[0]
@@ -171,8 +176,7 @@ def _check_same_family(adapters: list[LoraAdapter], mode: str) -> None:
         if mode not in ADAPTER_ONLY_MODES:
             continue
         targets_a, targets_b = first.config.get("target_modules"), other.config.get("target_modules")
-        as_set = lambda value: sorted(value) if isinstance(value, list) else value  # noqa: E731
-        if as_set(targets_a) != as_set(targets_b):
+        if _unordered(targets_a) != _unordered(targets_b):
             raise DtmError(f"{other.label}/{ADAPTER_CONFIG}: field 'target_modules' is {targets_b!r} but "
                            f"{first.label} has {targets_a!r}; --lora-mode {mode} needs adapters of the same "
                            "modules (use --lora-mode materialize for adapters of different modules)")
