@@ -123,9 +123,9 @@ class TritonBackend:
 
     def workspace_bytes_per_element(self, num_inputs: int) -> int:
         # On CUDA every buffer is on the device: no host memory beyond the engine's chunks. The
-        # interpreter stages copies of the inputs and output on the host and numpy makes fp32/fp64
-        # temporaries of each block.
-        return 0 if self.on_cuda else 4 * (num_inputs + 1) + 64
+        # interpreter stages copies of the inputs and the output on the host (at most 4 bytes each),
+        # plus per-row float64 Gram matrices, M x M per row, worst case rows of one element.
+        return 0 if self.on_cuda else 4 * (num_inputs + 1) + 8 * num_inputs ** 2
 
     # -- plumbing ------------------------------------------------------------------------------------
     def _launch(self, kernel, grid: tuple[int, ...], *args, **constexprs) -> None:
