@@ -131,6 +131,8 @@ def run_materialize(config: MergeConfig, inputs: "Inputs", adapters: list[LoraAd
     plan = plan_output(inputs.base, config.dtype, config.max_shard_size)
     check_all_params(config, plan)
     check_linear_keeps_the_base(config, plan, adapters)
+    backend = select_backend(config.backend)
+    chunk, input_sizes, out_size = chunk_plan(config, inputs, plan, adapters, backend)  # a budget error leaves nothing
     partial = out_io.prepare_partial(output, fingerprint(config, inputs, plan), config.resume, config.overwrite,
                                      shared=config.num_shards > 1)
     mine = [s for i, s in enumerate(plan.shards) if i % config.num_shards == config.shard_index]
@@ -138,9 +140,7 @@ def run_materialize(config: MergeConfig, inputs: "Inputs", adapters: list[LoraAd
     out_io.check_disk_space(output, sum(s.size for s in todo))
     if len(todo) < len(mine):
         ui.info(f"resuming: {len(mine) - len(todo)} of {len(mine)} shard(s) already complete in {partial}")
-    backend = select_backend(config.backend)
     release_large_allocations_promptly()
-    chunk, input_sizes, out_size = chunk_plan(config, inputs, plan, adapters, backend)
     baseline = resident_bytes()
     buffers = Buffers(input_sizes, out_size, chunk, pinned=getattr(backend, "wants_pinned_buffers", False))
     log.info("LoRA materialize: method %s, backend %s, %d-element chunks", config.method, backend.name, chunk)

@@ -315,6 +315,12 @@ def test_materialize_refuses_unnormalised_linear_weights_that_would_scale_the_ba
     assert not (tmp_path / "out.dtm-partial").exists()
 
 
+def test_a_budget_too_small_is_refused_before_any_output_exists(lora_family, tmp_path, capsys):
+    assert merge(lora_family, ["a0", "a1"], tmp_path / "out", "--max-memory", "16MiB") == 1
+    assert "--max-memory 16 MiB is too small for this LoRA merge" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_factor_average_refuses_unequal_ranks(lora_family, tmp_path):
     with pytest.raises(DtmError, match=r"a2/adapter_config.json: field 'r' is 8.*exact-concat"):
         run_merge(lora_config(lora_family, [lora_family["a0"], lora_family["a2"]], "factor-average",
