@@ -65,4 +65,5 @@ def test_row_operations(cuda_backend, rows, row_length):
     ("slerp", ["--t", "0.3"], 1),
 ])
 def test_merge_equals_reference_backend(cuda_backend, large_bf16_family, tmp_path, method, extra, ulps):
-    cases.check_merge(large_bf16_family, tmp_path, method, extra, ulps, "64MiB")
+    # the same budget gives different chunks: the reference needs host workspace, triton none
+    cases.check_merge(large_bf16_family, tmp_path, method, extra, ulps, {"triton": "64MiB", "reference": "64MiB"})

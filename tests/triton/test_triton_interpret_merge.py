@@ -1,7 +1,6 @@
 """Whole `dtm merge` runs with --backend triton (interpreted on CPU) against --backend reference on the
-same inputs: a small budget splits every tensor into several chunks, at other boundaries than the
-reference's (whose workspace per element is larger), so DARE masks and TIES thresholds must not depend
-on chunking either."""
+same inputs. Small budgets split the matrix into chunks of 12288 elements (triton) and 4096
+(reference), so DARE masks and TIES thresholds must not depend on chunking either."""
 
 import pytest
 
@@ -25,4 +24,4 @@ pytestmark = [pytest.mark.triton_interpret,
     ("slerp", ["--t", "0.3"], 1),
 ])
 def test_merge_equals_reference_backend(bf16_family, tmp_path, method, extra, ulps):
-    cases.check_merge(bf16_family, tmp_path, method, extra, ulps, "17MiB")
+    cases.check_merge(bf16_family, tmp_path, method, extra, ulps, {"triton": "18MiB", "reference": "17MiB"})

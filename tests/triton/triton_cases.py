@@ -190,8 +190,9 @@ def build_family(root, shapes: dict[str, tuple[int, ...]], seed: int = 41):
     return paths
 
 
-def check_merge(family, tmp_path, method, extra, ulps, max_memory):
-    """`dtm merge --backend triton` equals `--backend reference` on the same inputs."""
+def check_merge(family, tmp_path, method, extra, ulps, budgets: dict[str, str]):
+    """`dtm merge --backend triton` equals `--backend reference` on the same inputs; `budgets`
+    (--max-memory per backend) can set different chunk sizes for the two."""
     from safetensors.torch import load_file
 
     from dtm_fast.cli import main as dtm
@@ -203,7 +204,7 @@ def check_merge(family, tmp_path, method, extra, ulps, max_memory):
     for backend in ("reference", "triton"):
         out = tmp_path / backend
         code = dtm(["merge", "--method", method, "--base", str(base), *map(str, models), "-o", str(out),
-                    "--backend", backend, "--max-memory", max_memory, "--quiet", *extra])
+                    "--backend", backend, "--max-memory", budgets[backend], "--quiet", *extra])
         assert code == 0
         outputs[backend] = load_file(str(out / "model.safetensors"))
     assert outputs["triton"].keys() == outputs["reference"].keys()
