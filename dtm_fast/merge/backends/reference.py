@@ -168,13 +168,19 @@ SLERP_EPS = 1e-8
 
 
 def slerp_coefficients(a: torch.Tensor, b: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row SLERP coefficients for rows of a and b (float64): nearly collinear rows interpolate
-    linearly, as mergekit does."""
-    norm_a = torch.linalg.vector_norm(a, dim=1)
-    norm_b = torch.linalg.vector_norm(b, dim=1)
+    """Per-row SLERP coefficients for rows of a and b (float64)."""
+    return slerp_coefficients_from_products((a * a).sum(1), (b * b).sum(1), (a * b).sum(1), t)
+
+
+def slerp_coefficients_from_products(norm_sq_a: torch.Tensor, norm_sq_b: torch.Tensor, dot_ab: torch.Tensor,
+                                     t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row SLERP coefficients from each row's float64 |a|^2, |b|^2 and a.b (what kernels reduce):
+    nearly collinear rows interpolate linearly, as mergekit does."""
+    norm_a = torch.sqrt(norm_sq_a)
+    norm_b = torch.sqrt(norm_sq_b)
     norm_a = torch.where(norm_a > SLERP_EPS, norm_a, torch.ones_like(norm_a))
     norm_b = torch.where(norm_b > SLERP_EPS, norm_b, torch.ones_like(norm_b))
-    dot = ((a * b).sum(1) / (norm_a * norm_b)).clamp(-1, 1)
+    dot = (dot_ab / (norm_a * norm_b)).clamp(-1, 1)
     linear = dot.abs() > SLERP_DOT_THRESHOLD
     theta = torch.acos(torch.where(linear, torch.zeros_like(dot), dot))
     sin_theta = torch.sin(theta)

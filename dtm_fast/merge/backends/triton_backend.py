@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from dtm_fast.errors import DtmError
-from dtm_fast.merge.backends.reference import GtaSpec, Sparsify, model_stock_ratio, SLERP_DOT_THRESHOLD, SLERP_EPS
+from dtm_fast.merge.backends.reference import GtaSpec, Sparsify, model_stock_ratio, slerp_coefficients_from_products
 from dtm_fast.merge.magnitude import BINS
 
 log = logging.getLogger(__name__)
@@ -57,24 +57,6 @@ def dtype_code(dtype: torch.dtype) -> int | None:
 def kernel_view(tensor: torch.Tensor) -> torch.Tensor:
     """What a kernel pointer receives: bf16 as its int16 bits (see triton_kernels)."""
     return tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
-
-
-def slerp_coefficients_from_products(norm_sq_a: torch.Tensor, norm_sq_b: torch.Tensor, dot_ab: torch.Tensor,
-                                     t: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """reference.slerp_coefficients, from each row's float64 |a|^2, |b|^2 and a.b (the kernel's
-    Gram matrices) instead of the rows themselves; same steps, same thresholds."""
-    norm_a = torch.sqrt(norm_sq_a)
-    norm_b = torch.sqrt(norm_sq_b)
-    norm_a = torch.where(norm_a > SLERP_EPS, norm_a, torch.ones_like(norm_a))
-    norm_b = torch.where(norm_b > SLERP_EPS, norm_b, torch.ones_like(norm_b))
-    dot = (dot_ab / (norm_a * norm_b)).clamp(-1, 1)
-    linear = dot.abs() > SLERP_DOT_THRESHOLD
-    theta = torch.acos(torch.where(linear, torch.zeros_like(dot), dot))
-    sin_theta = torch.sin(theta)
-    safe_sin = torch.where(linear, torch.ones_like(sin_theta), sin_theta)
-    coef_a = torch.where(linear, torch.full_like(dot, 1 - t), torch.sin((1 - t) * theta) / safe_sin)
-    coef_b = torch.where(linear, torch.full_like(dot, t), torch.sin(t * theta) / safe_sin)
-    return coef_a, coef_b
 
 
 class _DeviceBuffers:
