@@ -94,6 +94,7 @@ def chunk_plan(config: MergeConfig, inputs: "Inputs", plan: OutputPlan, adapters
     input_sizes = [max(DTYPE_SIZES[e.dtype] for e in base.tensors.values())] + [FACTOR_ITEMSIZE] * len(adapters)
     out_size = max(DTYPE_SIZES[t.out_dtype] for s in plan.shards for t in s.tensors)
     per_element = 2 * (sum(input_sizes) + out_size) + backend.workspace_bytes_per_element(len(input_sizes))
+    per_element += FACTOR_ITEMSIZE  # backends widen the base chunk to fp32 to match the fp32 sub-models
     targeted = {name for adapter in adapters for name in adapter.modules}
     resident_factors = max(factor_bytes(adapters, name) for name in targeted)
     available = config.max_memory - FIXED_OVERHEAD_BYTES - resident_factors
