@@ -288,7 +288,8 @@ def test_refuses_adapters_of_different_modules(lora_family, tmp_path, mode):
         run_merge(lora_config(lora_family, [lora_family["a0"], lora_family["a3"]], mode, out=tmp_path / "out"))
 
 
-@pytest.mark.parametrize("field,value", [("bias", "lora_only"), ("modules_to_save", ["lm_head"])])
+@pytest.mark.parametrize("field,value", [("bias", "lora_only"), ("modules_to_save", ["lm_head"]), ("use_dora", True),
+                                         ("fan_in_fan_out", True), ("alpha_pattern", {"q_proj": 32})])
 @pytest.mark.parametrize("mode", ["materialize", "exact-concat"])
 def test_refuses_trained_biases_and_modules_to_save(lora_family, tmp_path, field, value, mode):
     edited = edited_adapter(lora_family, "a1", tmp_path, **{field: value})
@@ -409,3 +410,15 @@ def test_materialize_peak_memory_stays_within_budget_with_a_tensor_three_times_l
     expected = weight + sum(0.5 * (alpha / 8) * (b @ a) for a, b, alpha in factors)
     torch.testing.assert_close(merged[f"{module}.weight"], expected, rtol=0, atol=5e-5)
     assert torch.equal(merged["model.norm.weight"], torch.ones(4096))
+
+
+def test_refuses_tensors_that_are_not_linear_lora_factors(lora_family, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    target = tmp_path / "embedding-lora"
+    shutil.copytree(lora_family["a0"], target)
+    tensors = load_file(str(target / "adapter_model.safetensors"))
+    tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.ones(4, 160)
+    save_file(tensors, str(target / "adapter_model.safetensors"))
+    with pytest.raises(DtmError, match=r"embedding-lora: tensor .*lora_embedding_A.* is not a LoRA factor"):
+        run_merge(lora_config(lora_family, [target], out=tmp_path / "out"))
