@@ -133,6 +133,13 @@ def convert_gguf_base(config: RunConfig, hashes: stages.HashCache) -> None:
                                                      dtype=torch.float32)
     except (OSError, ValueError) as error:
         raise DtmError(f"{config.where}: gguf_file: cannot load {source}: {error}") from None
+    # the weights are plain float32 once loaded; the GGUF "quantizer" transformers attaches only
+    # records where they came from, and would make save_pretrained refuse
+    model.hf_quantizer = None
+    for holder in (model, model.config):
+        for attribute in ("quantization_config", "is_quantized"):
+            if attribute in vars(holder):
+                delattr(holder, attribute)
     model.save_pretrained(temporary)
     tokenizer.save_pretrained(temporary)
     stages.write_json(temporary / stages.BASE_MANIFEST,
@@ -217,6 +224,14 @@ def run_eval_stage(config: RunConfig, identities: dict[str, str], hashes: stages
 
     fingerprint = stages.eval_fingerprint(config, identities, hashes)
     stages.record_stage(config, "eval", fingerprint, complete=False)
+    if stages.lora_training(config):
+        from dtm_fast.io.output import partial_dir
+        from dtm_fast.merge.engine import run_merge
+
+        # lm_eval loads full models: each adapter is applied to the base once, for the evaluation
+        for name in config.job_names():
+            shutil.rmtree(partial_dir(stages.materialized_dir(config, name)), ignore_errors=True)
+            run_merge(stages.materialize_config(config, name))
     evaluate(stages.eval_config(config))
     stages.record_stage(config, "eval", fingerprint, complete=True)
 

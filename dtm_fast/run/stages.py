@@ -49,6 +49,11 @@ def train_config_path(config: RunConfig, name: str) -> Path:
     return config.run_dir / "train-configs" / f"{name}.yaml"
 
 
+def materialized_dir(config: RunConfig, name: str) -> Path:
+    """LoRA jobs: the adapter applied to the base as a full model, for the evaluation to load."""
+    return config.run_dir / "materialized" / name
+
+
 def merged_dir(config: RunConfig) -> Path:
     return config.run_dir / "merged"
 
@@ -166,6 +171,16 @@ def lora_training(config: RunConfig) -> bool:
     return config.train.get("finetuning", "full") == "lora"
 
 
+def materialize_config(config: RunConfig, name: str):
+    """One LoRA adapter merged onto the base alone: W + (alpha / r) B A, a model lm_eval can load."""
+    from dtm_fast.merge.config import MergeConfig, ModelInput, parse_size
+
+    return MergeConfig(method="linear", models=(ModelInput(job_dir(config, name)),),
+                       output=materialized_dir(config, name), base=base_dir(config), lora_mode="materialize",
+                       max_memory=parse_size(config.merge.max_memory, f"{config.where}: merge.max_memory"),
+                       backend=config.merge.backend, overwrite=True, source=f"{config.where}: eval of {name}")
+
+
 def merge_config(config: RunConfig, models: list[Path], resume: bool = False):
     from dtm_fast.merge.config import DTYPE_NAMES, MergeConfig, ModelInput, parse_size
     from dtm_fast.merge.methods import METHODS
@@ -210,10 +225,11 @@ def eval_config(config: RunConfig):
                 raise DtmError(f"{config.where}: eval.tasks[{index}]: {file}: no such file")
             spec = TaskSpec(name=spec.name, file=str(file), metric=spec.metric)
         resolved.append(spec)
+    evaluated = materialized_dir if lora_training(config) else job_dir
     models = [ModelSpec("base", str(base_dir(config)), "base")]
     if config.vanilla:
-        models.append(ModelSpec("vanilla", str(job_dir(config, "vanilla")), "vanilla"))
-    models += [ModelSpec(f"sub-{i}", str(job_dir(config, f"sub-{i}")), "sub") for i in range(config.k)]
+        models.append(ModelSpec("vanilla", str(evaluated(config, "vanilla")), "vanilla"))
+    models += [ModelSpec(f"sub-{i}", str(evaluated(config, f"sub-{i}")), "sub") for i in range(config.k)]
     models.append(ModelSpec("merged", str(merged_dir(config)), "merged"))
     values.update(tasks=tuple(resolved), models=tuple(models), output_dir=str(report_dir(config)), overwrite=True)
     try:

