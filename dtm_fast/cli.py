@@ -20,6 +20,7 @@ COMMANDS = [
     ("train", "dtm_fast.train.cli", "fine-tune one sub-model (full or LoRA) on one data portion; FSDP2 over many GPUs"),
     ("bench", "dtm_fast.bench.cli", "benchmarks: merge and train throughput against peer tools"),
     ("run", "dtm_fast.run.cli", "the whole DTM experiment from one YAML file (resumable; --dry-run, --emit slurm)"),
+    ("demo", "dtm_fast.demo.cli", "the whole DTM experiment on an embedded small model and data set, minutes on a CPU"),
 ]
 
 
