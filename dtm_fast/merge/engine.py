@@ -151,16 +151,17 @@ def run_merge(config: MergeConfig) -> Path:
         return run_lora_merge(config, inputs)
     plan = plan_output(inputs.reference, config.dtype, config.max_shard_size)
     check_all_params(config, plan)
+    # every check that can refuse the merge runs before the partial directory exists
+    backend = select_backend(config.backend)
+    chunk, input_sizes, out_size = chunk_elements_for(config, inputs, plan, backend)
+    mine = [s for i, s in enumerate(plan.shards) if i % config.num_shards == config.shard_index]
+    todo = [s for s in mine if not out_io.shard_is_complete(out_io.partial_dir(output), s.filename, s.size, s.header)]
+    out_io.check_disk_space(output, sum(s.size for s in todo))
     partial = out_io.prepare_partial(output, fingerprint(config, inputs, plan), config.resume, config.overwrite,
                                      shared=config.num_shards > 1)
-    mine = [s for i, s in enumerate(plan.shards) if i % config.num_shards == config.shard_index]
-    todo = [s for s in mine if not out_io.shard_is_complete(partial, s.filename, s.size, s.header)]
-    out_io.check_disk_space(output, sum(s.size for s in todo))
     if len(todo) < len(mine):
         ui.info(f"resuming: {len(mine) - len(todo)} of {len(mine)} shard(s) already complete in {partial}")
-    backend = select_backend(config.backend)
     release_large_allocations_promptly()
-    chunk, input_sizes, out_size = chunk_elements_for(config, inputs, plan, backend)
     from dtm_fast.merge.stream import Buffers, FileCache
 
     baseline = resident_bytes()

@@ -168,3 +168,9 @@ def test_unsupported_mergekit_option_is_refused_by_name(pair, tmp_path, capsys):
     assert "tokenizer" in error and "not supported" in error
     config.write_text(f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1, colour: 2}}\n  - model: {b}\n")
     assert "colour" in merge_error(capsys, config, tmp_path / "out")
+
+
+def test_too_small_budget_is_refused_before_any_output(pair, tmp_path, capsys):
+    error = merge_error(capsys, *pair, "-o", tmp_path / "out", "--max-memory", "1MiB")
+    assert "--max-memory" in error and "too small" in error
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.dtm-partial").exists()
