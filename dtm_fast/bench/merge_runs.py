@@ -26,11 +26,21 @@ class Run:
     peak_rss_bytes: int
 
 
+GNU_TIME = "/usr/bin/time"
+
+
 def run_measured(command: list[str], log_path: Path) -> Run:
-    """Run `command`, its output into log_path; wall time and the child's peak RSS (ru_maxrss)."""
+    """Run `command`, its output into log_path; wall time and the command's peak RSS.
+
+    The peak comes from GNU time, which launches the command itself: a process forked from this
+    (large) Python interpreter would inherit its memory high-water mark, since Linux carries
+    ru_maxrss across exec. Without GNU time, os.wait4's figure is used and may include it."""
+    rss_path = log_path.with_suffix(".rss")
+    use_time = os.access(GNU_TIME, os.X_OK)
+    launched = [GNU_TIME, "-f", "%M", "-o", str(rss_path), *command] if use_time else command
     with open(log_path, "w") as log_file:
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(launched, stdout=log_file, stderr=subprocess.STDOUT,
                                    env=dict(os.environ, HF_HUB_OFFLINE="1"))
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - start
@@ -39,7 +49,8 @@ def run_measured(command: list[str], log_path: Path) -> Run:
         tail = log_path.read_text(errors="replace")[-2000:]
         raise DtmError(f"`{' '.join(command)}` failed with exit code {process.returncode}; "
                        f"its output is in {log_path}:\n{tail}")
-    return Run(wall, usage.ru_maxrss * 1024)  # Linux reports kilobytes
+    peak_kib = int(rss_path.read_text().split()[-1]) if use_time else usage.ru_maxrss  # Linux: KiB
+    return Run(wall, peak_kib * 1024)
 
 
 def interpreter_baseline(log_path: Path) -> int:
