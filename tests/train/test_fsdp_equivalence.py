@@ -5,6 +5,7 @@ these machines is about 1e-6 on weights after 4 AdamW steps (reduction order dif
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -20,8 +21,15 @@ def run(tmp_path, tiny_model, data, output, processes, extra=()):
                 "--batch_size", "4", "--micro_batch_size", "1", "--max_steps", "4", "--learning_rate", "1e-3",
                 "--mixed_precision", "fp32", "--seed", "5", "--quiet", *extra]
     environment = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    completed = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    # its own session, so a hung run is killed with all the ranks torchrun started
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+                               start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    assert process.returncode == 0, stderr[-3000:]
     return [json.loads(line)["loss"] for line in (output / "metrics.jsonl").read_text().splitlines()]
 
 
