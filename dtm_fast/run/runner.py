@@ -84,8 +84,9 @@ class Walk:
         if self.execute:
             config.run_dir.mkdir(parents=True, exist_ok=True)
             stages.state_dir(config).mkdir(exist_ok=True)
-            stages.write_json(config.run_dir / "dtm_run.json",
-                              {"tool": "dtm_fast run", "version": __version__, "config": describe(config)})
+            record = {"tool": "dtm_fast run", "version": __version__, "config": describe(config)}
+            if stages.read_json(config.run_dir / "dtm_run.json") != json.loads(json.dumps(record, default=str)):
+                stages.write_json(config.run_dir / "dtm_run.json", record)  # unchanged: left untouched
         prepare = group in ("all", "prepare")
         self._stage("base", stages.base_dir(config), lambda: stages.base_status(config, self.hashes),
                     lambda: convert_gguf_base(config, self.hashes), prepare)

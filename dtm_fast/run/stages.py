@@ -106,7 +106,7 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text()) if path.is_file() else None
     except json.JSONDecodeError:
@@ -253,7 +253,7 @@ def base_status(config: RunConfig, hashes: HashCache) -> Status:
         files = {p.name: hashes.sha256(p) for p in model_files(config.base_model, None)}
         return Status(True, "the base model as given", _digest(files))
     source = config.base_model / config.gguf_file
-    manifest = _read_json(base_dir(config) / BASE_MANIFEST)
+    manifest = read_json(base_dir(config) / BASE_MANIFEST)
     expected = {"gguf": str(source), "sha256": hashes.sha256(source)}
     if manifest is None or manifest.get("source") != expected:
         return Status(False, "converts the GGUF to a Hugging Face directory")
@@ -266,7 +266,7 @@ def disperse_status(config: RunConfig) -> Status:
     disperse = disperse_config(config)
     if not is_current(disperse):
         return Status(False, f"splits {len(config.data)} file(s) into {config.k} portions ({disperse.method})")
-    return Status(True, "", _digest(_read_json(portions_dir(config) / MANIFEST_NAME)))
+    return Status(True, "", _digest(read_json(portions_dir(config) / MANIFEST_NAME)))
 
 
 def _train_inputs(config: RunConfig, name: str, hashes: HashCache) -> dict[str, Any]:
@@ -290,7 +290,7 @@ def train_status(config: RunConfig, name: str, hashes: HashCache) -> Status:
 
     train = train_config(config, name)
     manifest_path = job_dir(config, name) / MANIFEST_NAME
-    manifest = _read_json(manifest_path)
+    manifest = read_json(manifest_path)
     if manifest is not None and _comparable(manifest.get("config", {})) == _comparable(train.to_dict()) \
             and manifest.get("inputs") == _train_inputs(config, name, hashes):
         return Status(True, "", hashes.sha256(manifest_path))
@@ -302,7 +302,7 @@ def train_status(config: RunConfig, name: str, hashes: HashCache) -> Status:
 
 def _checkpoints_match(config: RunConfig, name: str) -> bool:
     """A checkpoint may only be resumed by the job that wrote it: its record must match."""
-    record = _read_json(state_dir(config) / f"train-{name}.json")
+    record = read_json(state_dir(config) / f"train-{name}.json")
     return record is not None and record.get("fingerprint") == train_fingerprint(config, name)
 
 
@@ -313,7 +313,7 @@ def train_fingerprint(config: RunConfig, name: str) -> str:
 
 
 def _staged_status(config: RunConfig, stage: str, fingerprint: str, output_file: Path) -> Status:
-    record = _read_json(state_dir(config) / f"{stage}.json")
+    record = read_json(state_dir(config) / f"{stage}.json")
     if record is not None and record.get("fingerprint") == fingerprint and record.get("complete") \
             and output_file.is_file():
         return Status(True, "", fingerprint)
