@@ -32,6 +32,11 @@ def complete_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def remove_checkpoints(directory: Path) -> None:
+    for _, path in complete_checkpoints(directory):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _state_dict_options(loading: bool = False):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 

@@ -188,8 +188,10 @@ class Trainer:
                                                      self.scheduler, runtime)
             ui.info(f"resumed from step {start_step} ({config.checkpoints_path})")
         elif runtime.is_main and checkpoints.complete_checkpoints(config.checkpoints_path):
+            # a later `resume` must never pick up a checkpoint of the earlier run
             ui.warn(f"{config.checkpoints_path} holds checkpoints of an earlier run; starting fresh "
-                    "(set resume: true to continue it); they will be replaced")
+                    "(set resume: true to continue it) and removing them")
+            checkpoints.remove_checkpoints(config.checkpoints_path)
         self.metrics_log.start(start_step)
         result = TrainResult(Path(config.output_dir), self.total_steps, data_report=self.report)
         started = time.perf_counter()
