@@ -30,11 +30,11 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e1
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="bench/results/train", help="directory for results.json and the plot")
     parser.add_argument("--repeats", type=int, default=3, help="runs per contender (medians are reported)")
-    parser.add_argument("--examples", type=int, default=256, help="synthetic conversations (one pass)")
+    parser.add_argument("--examples", type=int, default=128, help="synthetic conversations (one pass)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows (dtm) / examples (HF) per optimizer step")
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--json", action="store_true")
@@ -62,7 +62,8 @@ def run_dtm(model_dir: Path, data: Path, args: argparse.Namespace, packing: bool
     config = TrainConfig(model=str(model_dir), data=(str(data),), output_dir=str(work / "out"),
                          max_length=args.max_length, batch_size=args.batch_size, micro_batch_size=args.batch_size,
                          epochs=1.0, packing=packing, learning_rate=1e-4, warmup_ratio=0.0, max_grad_norm=1.0,
-                         activation_checkpointing=False, seed=args.seed, checkpoint_dir=str(work / "ckpt"))
+                         activation_checkpointing=False, seed=args.seed, checkpoint_dir=str(work / "ckpt"),
+                         log_every=1_000_000)  # no per-step lines between the measurements
     trainer = Trainer(config, init_runtime())
     trainer.build()
     result = trainer.train()

