@@ -16,7 +16,7 @@ from pathlib import Path
 
 # (records of instruction data, K, training steps, rows per step, tokens per row, MMLU questions)
 SETTINGS = {
-    "full": {"records": 120, "k": 2, "max_steps": 3, "batch_size": 2, "max_length": 128, "questions": 20},
+    "full": {"records": 120, "k": 2, "max_steps": 3, "batch_size": 2, "max_length": 96, "questions": 16},
     "quick": {"records": 64, "k": 2, "max_steps": 4, "batch_size": 4, "max_length": 128, "questions": 8},
 }
 TINY_BASE = "tiny-base"

@@ -184,8 +184,11 @@ def write_training_config(config: RunConfig, name: str) -> Path:
     fingerprint = stages.train_fingerprint(config, name)
     record_path = stages.state_dir(config) / f"train-{name}.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    checkpoints = complete_checkpoints(stages.train_config(config, name).checkpoints_path)
-    resume = bool(checkpoints) and record.get("fingerprint") == fingerprint
+    checkpoints_path = stages.train_config(config, name).checkpoints_path
+    resume = bool(complete_checkpoints(checkpoints_path)) and record.get("fingerprint") == fingerprint
+    if not resume:
+        # checkpoints of another job's settings or data: a later resume must never pick them up
+        shutil.rmtree(checkpoints_path, ignore_errors=True)
     stages.write_json(record_path, {"fingerprint": fingerprint})
     path = stages.train_config_path(config, name)
     path.parent.mkdir(parents=True, exist_ok=True)
