@@ -24,8 +24,6 @@ from dtm_fast.run import stages
 from dtm_fast.run.config import RunConfig, describe
 
 logger = logging.getLogger(__name__)
-STAGE_GROUPS = ("all", "prepare", "train", "finish")  # prepare/train/finish: the SLURM jobs
-UNTIL_CHOICES = ("disperse", "train", "merge", "eval")
 
 
 @dataclass(frozen=True)

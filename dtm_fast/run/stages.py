@@ -317,8 +317,9 @@ def _staged_status(config: RunConfig, stage: str, fingerprint: str, output_file:
     if record is not None and record.get("fingerprint") == fingerprint and record.get("complete") \
             and output_file.is_file():
         return Status(True, "", fingerprint)
-    if record is not None and record.get("fingerprint") == fingerprint and not record.get("complete"):
-        return Status(False, "continues an interrupted run")
+    if record is not None and record.get("fingerprint") == fingerprint:
+        return Status(False, "reruns (its output is missing)" if record.get("complete") else
+                      "continues an interrupted run")
     return Status(False, "runs" if record is None else "reruns (its inputs or settings changed)")
 
 
