@@ -78,8 +78,9 @@ def test_fisher_matches_a_plain_per_example_computation(tiny_model, arithmetic_d
     from dtm_fast.train.model import load_tokenizer
 
     output = tmp_path / "sub-fisher"
-    config = make_config(tiny_model, arithmetic_data, output, max_steps=2, fisher_samples=1000,
-                         export_dtype="float32")
+    data = tmp_path / "twelve.jsonl"  # few examples keep the per-example oracle quick
+    data.write_text("".join(arithmetic_data.read_text().splitlines(keepends=True)[:12]))
+    config = make_config(tiny_model, data, output, max_steps=2, fisher_samples=1000, export_dtype="float32")
     run_trainer(config)
     # the oracle: the exported model, one backward per example, squared gradients averaged
     model = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
