@@ -14,9 +14,8 @@ from safetensors.torch import load_file
 
 
 def run(tmp_path, tiny_model, data, output, processes, extra=()):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
-               "--standalone", "-m", "dtm_fast.train"] if processes > 1 else \
-              [sys.executable, "-m", "dtm_fast.train"]
+    # `--nproc-per-node N` makes the command start torchrun itself (`torchrun --standalone -m dtm_fast.train`)
+    command = [sys.executable, "-m", "dtm_fast.train", "--nproc-per-node", str(processes)]
     command += ["--model", str(tiny_model), "--data", str(data), "--output_dir", str(output), "--max_length", "160",
                 "--batch_size", "4", "--micro_batch_size", "1", "--max_steps", "4", "--learning_rate", "1e-3",
                 "--mixed_precision", "fp32", "--seed", "5", "--quiet", *extra]
