@@ -144,7 +144,18 @@ class TrainConfig:
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 
+# names other trainers use for our keys, to point users of those at the right one
+FOREIGN_NAMES = {
+    "lr": "learning_rate", "num_train_epochs": "epochs", "num_epochs": "epochs", "model_name_or_path": "model",
+    "per_device_train_batch_size": "micro_batch_size", "max_seq_length": "max_length", "output": "output_dir",
+    "target_modules": "lora_target_modules", "lora_rank": "lora_r", "gradient_checkpointing": "activation_checkpointing",
+    "gradient_accumulation_steps": "batch_size (accumulation follows from batch_size / (micro_batch_size x ranks))",
+}
+
+
 def _unknown_key_error(key: str, where: str) -> DtmError:
+    if key in FOREIGN_NAMES:
+        return DtmError(f"{where}: unknown config key {key!r}; use {FOREIGN_NAMES[key]}")
     close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(FIELD_NAMES)}"
     return DtmError(f"{where}: unknown config key {key!r}{hint}")
