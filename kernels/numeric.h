@@ -4,6 +4,9 @@
 #pragma once
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "dtm_kernels.h"
 
@@ -130,5 +133,54 @@ static inline uint32_t philox_word0(uint64_t index, const PhiloxKeys& keys) {
   }
   return c0;
 }
+
+// keep[i] = all ones iff (word0(index0 + i) >> 8) < threshold, else 0.
+#if defined(__AVX512F__)
+// 16 counters at a time. Compilers widen the scalar version's 32x32->64-bit products to 64x64-bit
+// vpmullq, several times slower than vpmuludq on the even and odd 32-bit lanes, done here.
+static inline void mulhilo16(__m512i value, __m512i multiplier, __m512i& high, __m512i& low) {
+  const __m512i even = _mm512_mul_epu32(value, multiplier);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(value, 32), multiplier);
+  low = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  high = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+
+static inline void philox_keep(uint32_t* keep, uint64_t index0, int64_t count, const PhiloxKeys& keys,
+                               uint32_t threshold) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i m0 = _mm512_set1_epi32(int(kPhiloxM0)), m1 = _mm512_set1_epi32(int(kPhiloxM1));
+  const __m512i limit = _mm512_set1_epi32(int(threshold)), ones = _mm512_set1_epi32(-1);
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    const uint64_t first = index0 + uint64_t(i);
+    const __m512i first_low = _mm512_set1_epi32(int(uint32_t(first)));
+    __m512i c0 = _mm512_add_epi32(first_low, lanes);
+    const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, first_low);  // low word wrapped past 2^32
+    __m512i c1 = _mm512_mask_add_epi32(_mm512_set1_epi32(int(uint32_t(first >> 32))), carry,
+                                       _mm512_set1_epi32(int(uint32_t(first >> 32))), _mm512_set1_epi32(1));
+    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      __m512i high0, low0, high1, low1;
+      mulhilo16(c0, m0, high0, low0);
+      mulhilo16(c2, m1, high1, low1);
+      const __m512i next0 = _mm512_xor_si512(_mm512_xor_si512(high1, c1), _mm512_set1_epi32(int(keys.k0[round])));
+      const __m512i next2 = _mm512_xor_si512(_mm512_xor_si512(high0, c3), _mm512_set1_epi32(int(keys.k1[round])));
+      c1 = low1;
+      c3 = low0;
+      c0 = next0;
+      c2 = next2;
+    }
+    const __mmask16 kept = _mm512_cmplt_epu32_mask(_mm512_srli_epi32(c0, 8), limit);
+    _mm512_storeu_si512(keep + i, _mm512_maskz_mov_epi32(kept, ones));
+  }
+  for (; i < count; ++i) keep[i] = 0u - uint32_t((philox_word0(index0 + uint64_t(i), keys) >> 8) < threshold);
+}
+#else
+static inline void philox_keep(uint32_t* keep, uint64_t index0, int64_t count, const PhiloxKeys& keys,
+                               uint32_t threshold) {
+  for (int64_t i = 0; i < count; ++i)
+    keep[i] = 0u - uint32_t((philox_word0(index0 + uint64_t(i), keys) >> 8) < threshold);
+}
+#endif
 
 }  // namespace dtm

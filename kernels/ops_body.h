@@ -89,9 +89,7 @@ inline void keep_flags(uint32_t* __restrict keep, const float* __restrict delta,
       keep[i] = (0u - uint32_t(key >= low)) & (0u - uint32_t(key <= high));
     }
   } else {
-    const uint32_t threshold = rule.threshold;
-    for (int64_t i = 0; i < count; ++i)
-      keep[i] = 0u - uint32_t((philox_word0(uint64_t(index0 + i), rule.keys) >> 8) < threshold);
+    philox_keep(keep, uint64_t(index0), count, rule.keys, rule.threshold);
   }
 }
 
