@@ -4,7 +4,7 @@
 #pragma once
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -172,6 +172,49 @@ static inline void philox_keep(uint32_t* keep, uint64_t index0, int64_t count, c
     }
     const __mmask16 kept = _mm512_cmplt_epu32_mask(_mm512_srli_epi32(c0, 8), limit);
     _mm512_storeu_si512(keep + i, _mm512_maskz_mov_epi32(kept, ones));
+  }
+  for (; i < count; ++i) keep[i] = 0u - uint32_t((philox_word0(index0 + uint64_t(i), keys) >> 8) < threshold);
+}
+#elif defined(__AVX2__)
+// 8 counters at a time, with the same even/odd-lane vpmuludq products as the AVX-512 version.
+static inline void mulhilo8(__m256i value, __m256i multiplier, __m256i& high, __m256i& low) {
+  const __m256i even = _mm256_mul_epu32(value, multiplier);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(value, 32), multiplier);
+  low = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  high = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+// a < b for unsigned 32-bit lanes (AVX2 compares signed only: flip the sign bits).
+static inline __m256i less_unsigned8(__m256i a, __m256i b) {
+  const __m256i sign = _mm256_set1_epi32(int(0x80000000u));
+  return _mm256_cmpgt_epi32(_mm256_xor_si256(b, sign), _mm256_xor_si256(a, sign));
+}
+
+static inline void philox_keep(uint32_t* keep, uint64_t index0, int64_t count, const PhiloxKeys& keys,
+                               uint32_t threshold) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i m0 = _mm256_set1_epi32(int(kPhiloxM0)), m1 = _mm256_set1_epi32(int(kPhiloxM1));
+  const __m256i limit = _mm256_set1_epi32(int(threshold));
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const uint64_t first = index0 + uint64_t(i);
+    const __m256i first_low = _mm256_set1_epi32(int(uint32_t(first)));
+    __m256i c0 = _mm256_add_epi32(first_low, lanes);
+    // a wrapped low word carries into the high word: subtracting the all-ones compare mask adds 1
+    __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32(int(uint32_t(first >> 32))), less_unsigned8(c0, first_low));
+    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      __m256i high0, low0, high1, low1;
+      mulhilo8(c0, m0, high0, low0);
+      mulhilo8(c2, m1, high1, low1);
+      const __m256i next0 = _mm256_xor_si256(_mm256_xor_si256(high1, c1), _mm256_set1_epi32(int(keys.k0[round])));
+      const __m256i next2 = _mm256_xor_si256(_mm256_xor_si256(high0, c3), _mm256_set1_epi32(int(keys.k1[round])));
+      c1 = low1;
+      c3 = low0;
+      c0 = next0;
+      c2 = next2;
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keep + i), less_unsigned8(_mm256_srli_epi32(c0, 8), limit));
   }
   for (; i < count; ++i) keep[i] = 0u - uint32_t((philox_word0(index0 + uint64_t(i), keys) >> 8) < threshold);
 }
