@@ -162,7 +162,7 @@ def run_merge(config: MergeConfig) -> Path:
     if len(todo) < len(mine):
         ui.info(f"resuming: {len(mine) - len(todo)} of {len(mine)} shard(s) already complete in {partial}")
     release_large_allocations_promptly()
-    from dtm_fast.merge.stream import Buffers, FileCache
+    from dtm_fast.merge.stream import Buffers, ChunkIO, FileCache
 
     baseline = resident_bytes()
     buffers = Buffers(input_sizes, out_size, chunk, pinned=getattr(backend, "wants_pinned_buffers", False))
@@ -177,40 +177,66 @@ def run_merge(config: MergeConfig) -> Path:
             def written(nbytes: int) -> None:
                 progress.advance(nbytes, memory=max(0, resident_bytes() - baseline))
 
-            for shard in todo:
-                merge_shard(config, inputs, plan, shard, partial, backend, buffers, files, reader, writer, chunk,
-                            written)
+            io = ChunkIO(buffers, files, reader, writer, written)
+            try:
+                streams = plan_streams(config, inputs, plan, todo, backend, io, chunk)
+                for shard, shard_streams in zip(todo, streams):
+                    merge_shard(config, plan, shard, shard_streams, partial, io)
+            finally:
+                io.drain()
     finally:
         files.close()
     return finalize(config, inputs, plan, partial, output, backend.name)
 
 
-def merge_shard(config, inputs: Inputs, plan: OutputPlan, shard: PlannedShard, partial: Path, backend, buffers,
-                files, reader, writer, chunk: int, written) -> None:
+def plan_streams(config: MergeConfig, inputs: Inputs, plan: OutputPlan, shards: list[PlannedShard], backend,
+                 io, chunk: int) -> list[list]:
+    """One TensorStream per tensor of each shard, in merge order, each knowing the one after it so
+    its first chunk is read while the current tensor computes."""
     from dtm_fast.merge.methods.base import TensorContext
     from dtm_fast.merge.stream import TensorStream
 
     method = config.method_impl
-    fd = out_io.create_shard(partial, shard.filename, shard.header, shard.size)
-    try:
+    result, previous = [], None
+    for shard in shards:
+        shard_streams = []
         for tensor in shard.tensors:
             context = TensorContext(tensor.name, tensor.shape, config.seed)
             base = inputs.base.tensors[tensor.name] if inputs.base is not None else None
             models = [m.tensors[tensor.name] for m in inputs.models]
-            fishers = [f.tensors[tensor.name] for f in inputs.fishers] if tensor.merged else []
             params = config.tensor_params(tensor.name, tensor.layer_index, plan.num_layers)
-            tensor_chunk = chunk
-            if tensor.merged and method.needs_whole_rows(params) and context.row_length > 1:
-                tensor_chunk = chunk // context.row_length * context.row_length
-            if not tensor.merged:  # copied unchanged from the base (or the first model)
+            if tensor.merged:
+                fishers = [f.tensors[tensor.name] for f in inputs.fishers]
+                tensor_chunk = chunk
+                if method.needs_whole_rows(params) and context.row_length > 1:
+                    tensor_chunk = chunk // context.row_length * context.row_length
+                stream = TensorStream(context, backend, base if method.needs_base else None, models, fishers, io,
+                                      tensor_chunk, tensor.out_dtype, None, tensor.offset)
+            else:  # copied unchanged from the base (or the first model)
                 source = base if base is not None else models[0]
-                TensorStream(context, backend, None, [source], [], buffers, files, reader, writer, tensor_chunk,
-                             tensor.out_dtype, fd, tensor.offset, written).copy_first_input()
-                continue
-            stream = TensorStream(context, backend, base if method.needs_base else None, models, fishers, buffers,
-                                  files, reader, writer, tensor_chunk, tensor.out_dtype, fd, tensor.offset, written)
-            method.merge(params, stream)
+                stream = TensorStream(context, backend, None, [source], [], io, chunk, tensor.out_dtype, None,
+                                      tensor.offset)
+            if previous is not None:
+                previous.following = stream
+            shard_streams.append((tensor, params, stream))
+            previous = stream
+        result.append(shard_streams)
+    return result
+
+
+def merge_shard(config, plan: OutputPlan, shard: PlannedShard, streams: list, partial: Path, io) -> None:
+    method = config.method_impl
+    fd = out_io.create_shard(partial, shard.filename, shard.header, shard.size)
+    try:
+        for tensor, params, stream in streams:
+            stream.out_fd = fd
+            if tensor.merged:
+                method.merge(params, stream)
+            else:
+                stream.copy_first_input()
+        io.flush()
     except BaseException:
+        io.drain()
         os.close(fd)
         raise
     out_io.finish_shard(partial, shard.filename, fd, shard.size)

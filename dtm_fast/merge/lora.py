@@ -227,7 +227,7 @@ def read_factor(entry: TensorEntry) -> "torch.Tensor":
     import torch
 
     from dtm_fast.io.safetensors_format import read_exact
-    from dtm_fast.merge.stream import TORCH_DTYPES
+    from dtm_fast.merge.host_array import torch_dtype
 
     raw = torch.empty(entry.nbytes, dtype=torch.uint8)
     fd = os.open(entry.path, os.O_RDONLY)
@@ -235,7 +235,7 @@ def read_factor(entry: TensorEntry) -> "torch.Tensor":
         read_exact(fd, memoryview(raw.numpy()), entry.offset, entry.path)
     finally:
         os.close(fd)
-    return raw.view(TORCH_DTYPES[entry.dtype]).reshape(entry.shape).float()
+    return raw.view(torch_dtype(entry.dtype)).reshape(entry.shape).float()
 
 
 def run_lora_merge(config: MergeConfig, inputs: "Inputs") -> Path:

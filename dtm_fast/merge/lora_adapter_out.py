@@ -81,7 +81,7 @@ def output_adapter_config(mode: str, adapters: list[LoraAdapter]) -> dict:
 def run_adapter_merge(config: MergeConfig, inputs: "Inputs", adapters: list[LoraAdapter]) -> Path:
     import torch
 
-    from dtm_fast.merge.stream import TORCH_DTYPES
+    from dtm_fast.merge.host_array import torch_dtype
 
     mode = config.lora_mode
     if config.num_shards != 1:
@@ -116,7 +116,7 @@ def run_adapter_merge(config: MergeConfig, inputs: "Inputs", adapters: list[Lora
             for index, name in enumerate(weight_names):
                 a, b = combined_factors(mode, adapters, name, coefficients[name])
                 for tensor, (begin, _) in zip((a, b), offsets[2 * index: 2 * index + 2]):
-                    stored = tensor.to(TORCH_DTYPES[dtype]).contiguous().view(-1).view(torch.uint8)
+                    stored = tensor.to(torch_dtype(dtype)).contiguous().view(-1).view(torch.uint8)
                     write_exact(fd, memoryview(stored.numpy()), len(header) + begin)
         except BaseException:
             os.close(fd)

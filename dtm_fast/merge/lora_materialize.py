@@ -33,7 +33,8 @@ from dtm_fast.merge.engine import (
 from dtm_fast.merge.lora import LoraAdapter, LoraModule, read_factor
 from dtm_fast.merge.methods.base import TensorContext
 from dtm_fast.merge.plan import OutputPlan, layer_index, plan_output
-from dtm_fast.merge.stream import TORCH_DTYPES, Buffers, Chunk, FileCache, TensorStream
+from dtm_fast.merge.host_array import torch_dtype
+from dtm_fast.merge.stream import Buffers, Chunk, ChunkIO, FileCache, TensorStream
 
 if TYPE_CHECKING:
     from dtm_fast.merge.engine import Inputs
@@ -43,7 +44,15 @@ ROW_BLOCK = 16  # rows per low-rank product; chunks of LoRA-targeted tensors hol
 FACTOR_ITEMSIZE = 4  # factors and virtual sub-model chunks are fp32
 
 
-class LoraTensorStream(TensorStream):
+class TorchViewStream(TensorStream):
+    """Chunks as torch tensors whatever the backend (the cpu backend takes them too): the LoRA
+    path computes on them with torch."""
+
+    def view(self, raw, dtype: str) -> torch.Tensor:
+        return torch.from_numpy(raw).view(torch_dtype(dtype))
+
+
+class LoraTensorStream(TorchViewStream):
     """A tensor's chunks where model i is the virtual sub-model base + s_i B_i A_i (fp32).
 
     `deltas[i]` is (s_i, B_i (out x r), A_i (r x in)) in fp32, or None for an adapter that does not
@@ -56,18 +65,18 @@ class LoraTensorStream(TensorStream):
         if self.chunk_elements % (ROW_BLOCK * self.context.row_length):
             raise ValueError("chunks of a LoRA-targeted tensor must hold whole row blocks")
 
-    def _read(self, slot: int, start: int, stop: int) -> Chunk:
+    def read(self, slot: int, start: int, stop: int) -> Chunk:
         count = stop - start
         entry = self.base_entry
         size = DTYPE_SIZES[entry.dtype]
         raw = self.buffers.inputs[slot][0][: count * size]
-        read_exact(self.files.fd(entry.path), memoryview(raw.numpy()), entry.offset + start * size, entry.path)
-        base = raw.view(TORCH_DTYPES[entry.dtype])
+        read_exact(self.files.fd(entry.path), memoryview(raw), entry.offset + start * size, entry.path)
+        base = self.view(raw, entry.dtype)
         row_length = self.context.row_length
         first_row = start // row_length
         models = []
         for index, delta in enumerate(self.deltas):
-            model = self.buffers.inputs[slot][1 + index][: count * FACTOR_ITEMSIZE].view(torch.float32)
+            model = self.view(self.buffers.inputs[slot][1 + index][: count * FACTOR_ITEMSIZE], "F32")
             model.copy_(base)
             if delta is not None:
                 scale, b, a = delta
@@ -77,7 +86,7 @@ class LoraTensorStream(TensorStream):
                     row = first_row + block_start
                     block.addmm_(b[row: row + block.shape[0]], a, alpha=scale)  # += s * B[rows] @ A
             models.append(model)
-        return Chunk(start, count, base, models, [])
+        return Chunk(start, count, base, models, [], [raw])
 
 
 def factor_bytes(adapters: Sequence[LoraAdapter], weight_name: str) -> int:
@@ -155,17 +164,19 @@ def run_materialize(config: MergeConfig, inputs: "Inputs", adapters: list[LoraAd
             def written(nbytes: int) -> None:
                 progress.advance(nbytes, memory=max(0, resident_bytes() - baseline))
 
-            streams = (backend, buffers, files, reader, writer)
-            for shard in todo:
-                materialize_shard(config, inputs, plan, shard, partial, adapters, streams, chunk, written)
+            io = ChunkIO(buffers, files, reader, writer, written)
+            try:
+                for shard in todo:
+                    materialize_shard(config, inputs, plan, shard, partial, adapters, backend, io, chunk)
+            finally:
+                io.drain()
     finally:
         files.close()
     return finalize(config, inputs, plan, partial, output, backend.name)
 
 
 def materialize_shard(config: MergeConfig, inputs: "Inputs", plan: OutputPlan, shard, partial: Path,
-                      adapters: Sequence[LoraAdapter], streams: tuple, chunk: int, written) -> None:
-    backend, buffers, files, reader, writer = streams
+                      adapters: Sequence[LoraAdapter], backend, io: ChunkIO, chunk: int) -> None:
     fd = out_io.create_shard(partial, shard.filename, shard.header, shard.size)
     try:
         for tensor in shard.tensors:
@@ -173,8 +184,8 @@ def materialize_shard(config: MergeConfig, inputs: "Inputs", plan: OutputPlan, s
             entry = inputs.base.tensors[tensor.name]
             modules: list[LoraModule | None] = [a.modules.get(tensor.name) for a in adapters]
             if not tensor.merged or all(m is None for m in modules):
-                stream = TensorStream(context, backend, entry, [], [], buffers, files, reader, writer, chunk,
-                                      tensor.out_dtype, fd, tensor.offset, written)
+                stream = TorchViewStream(context, backend, entry, [], [], io, chunk, tensor.out_dtype, fd,
+                                         tensor.offset)
                 if tensor.merged:
                     for part in stream.chunks(write=True):
                         part.out.copy_(part.base)  # the base's value, rounded only if --dtype differs
@@ -184,11 +195,12 @@ def materialize_shard(config: MergeConfig, inputs: "Inputs", plan: OutputPlan, s
             block = ROW_BLOCK * context.row_length
             deltas = [None if m is None else (m.scale, read_factor(m.b), read_factor(m.a)) for m in modules]
             params = config.tensor_params(tensor.name, tensor.layer_index, plan.num_layers)
-            stream = LoraTensorStream(context, backend, entry, [entry] * len(adapters), [], buffers, files, reader,
-                                      writer, chunk // block * block, tensor.out_dtype, fd, tensor.offset, written,
-                                      deltas=deltas)
+            stream = LoraTensorStream(context, backend, entry, [entry] * len(adapters), [], io, chunk // block * block,
+                                      tensor.out_dtype, fd, tensor.offset, deltas=deltas)
             config.method_impl.merge(params, stream)
+        io.flush()
     except BaseException:
+        io.drain()
         os.close(fd)
         raise
     out_io.finish_shard(partial, shard.filename, fd, shard.size)

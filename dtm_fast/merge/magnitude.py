@@ -15,20 +15,41 @@ magnitudes by argsort order, which depends on the sort implementation; ours depe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 BINS = 1 << 16
 
 
-def magnitude_keys(values: torch.Tensor) -> torch.Tensor:
+def magnitude_keys(values: "torch.Tensor") -> "torch.Tensor":
     """int64 keys that order like |values| (fp32), NaN above +inf."""
+    import torch
+
     return values.float().abs().view(torch.int32).to(torch.int64)
 
 
-def kth_largest_key_in_memory(keys: torch.Tensor, rank: int) -> int:
+def kth_largest_key_in_memory(keys: "torch.Tensor", rank: int) -> int:
     """Reference: the rank-th largest key (1-based) of a whole tensor."""
+    import torch
+
     return int(torch.sort(keys.reshape(-1), descending=True).values[rank - 1])
+
+
+def new_histogram() -> np.ndarray:
+    """A zeroed 65536-bin count array, as every backend's abs_delta_histogram fills."""
+    return np.zeros(BINS, dtype=np.int64)
+
+
+def _from_top(histogram: np.ndarray, rank: int) -> tuple[int, int]:
+    """(bin holding the rank-th largest element, how many elements lie in higher bins)."""
+    counts_from_top = np.cumsum(np.asarray(histogram)[::-1])
+    position = int(np.searchsorted(counts_from_top, rank))
+    above = int(counts_from_top[position - 1]) if position > 0 else 0
+    return BINS - 1 - position, above
 
 
 @dataclass
@@ -40,17 +61,13 @@ class RadixSearch:
     rank_in_bucket: int = 0
     key: int = -1  # the answer, known after the second pass
 
-    def locate_bucket(self, high_histogram: torch.Tensor) -> None:
-        counts_from_top = torch.flip(high_histogram, [0]).cumsum(0)
-        position = int(torch.searchsorted(counts_from_top, torch.tensor(self.rank)))
-        self.bucket = BINS - 1 - position
-        above = int(counts_from_top[position - 1]) if position > 0 else 0
+    def locate_bucket(self, high_histogram: np.ndarray) -> None:
+        self.bucket, above = _from_top(high_histogram, self.rank)
         self.rank_in_bucket = self.rank - above
 
-    def locate_key(self, low_histogram: torch.Tensor) -> None:
-        counts_from_top = torch.flip(low_histogram, [0]).cumsum(0)
-        position = int(torch.searchsorted(counts_from_top, torch.tensor(self.rank_in_bucket)))
-        self.key = (self.bucket << 16) | (BINS - 1 - position)
+    def locate_key(self, low_histogram: np.ndarray) -> None:
+        low, _ = _from_top(low_histogram, self.rank_in_bucket)
+        self.key = (self.bucket << 16) | low
 
 
 def top_k_count(density: float, numel: int) -> int:

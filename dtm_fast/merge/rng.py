@@ -11,8 +11,10 @@ keep_threshold(density): a 24-bit integer comparison, so no backend's float roun
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
@@ -34,7 +36,7 @@ def keep_threshold(density: float) -> int:
     return min(1 << 24, max(0, int(round(density * (1 << 24)))))
 
 
-def _mulhilo(multiplier: int, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _mulhilo(multiplier: int, value: "torch.Tensor") -> "tuple[torch.Tensor, torch.Tensor]":
     """(high, low) 32-bit halves of multiplier * value for uint32 values held in int64, without
     overflowing int64: split value into 16-bit halves."""
     value_high = value >> 16
@@ -46,8 +48,8 @@ def _mulhilo(multiplier: int, value: torch.Tensor) -> tuple[torch.Tensor, torch.
     return high, low
 
 
-def philox4x32(counter: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-               key: tuple[int, int], rounds: int = PHILOX_ROUNDS) -> tuple[torch.Tensor, ...]:
+def philox4x32(counter: "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]",
+               key: tuple[int, int], rounds: int = PHILOX_ROUNDS) -> "tuple[torch.Tensor, ...]":
     """Philox4x32 on int64 tensors holding uint32 values; returns the four output words."""
     c0, c1, c2, c3 = counter
     k0, k1 = key
@@ -60,8 +62,10 @@ def philox4x32(counter: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
     return c0, c1, c2, c3
 
 
-def keep_mask(key: tuple[int, int], start: int, count: int, threshold: int) -> torch.Tensor:
+def keep_mask(key: tuple[int, int], start: int, count: int, threshold: int) -> "torch.Tensor":
     """Boolean keep-mask for elements start .. start+count-1 of one (tensor, model)."""
+    import torch
+
     index = torch.arange(start, start + count, dtype=torch.int64)
     zeros = torch.zeros_like(index)
     word0 = philox4x32((index & MASK32, index >> 32, zeros, zeros), key)[0]

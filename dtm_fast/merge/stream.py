@@ -1,40 +1,45 @@
-"""Streaming one tensor through preallocated buffers.
+"""Streaming tensors through preallocated buffers, reading ahead across chunks, passes and tensors.
 
 Memory: the merge allocates two slots of input buffers (one per input file: base, models, Fisher
 estimates) and two output buffers once, sized from the budget, and reuses them for every chunk of
-every tensor (fresh allocations cost ~10x in page faults). While the method computes on slot j, a
-reader thread fills slot j+1 with positioned reads, and a writer thread writes the previous output
-chunk at its planned offset, so disk, compute and write overlap.
+every tensor (fresh allocations cost ~10x in page faults).
+
+Overlap: one `ChunkIO` serves the whole merge. Every read is keyed by (stream, chunk range), so a
+chunk still held in its slot is not read again: a tensor that fits in one chunk is read once for all
+its passes (TIES' two histogram passes and its combine). While the method computes on one slot, the
+reader thread fills the other with what the merge needs next: the next chunk of this pass, the first
+chunk of the next pass (a statistics pass is always followed by another), or, once the combine pass
+reaches its last chunk, the first chunk of the next tensor. A writer thread writes each output chunk
+at its planned offset; an output slot is reused once its previous write is done, so writes overlap
+the next tensor's compute too.
+
+Chunk inputs are handed to the backend as it asks (`backend.view`): `HostArray`s for the native
+kernels, zero-copy torch tensors for the torch backends.
 """
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator, Sequence
 
-import torch
+import numpy as np
 
 from dtm_fast.io.safetensors_format import DTYPE_SIZES, TensorEntry, read_exact, write_exact
 from dtm_fast.merge.methods.base import TensorContext
-
-TORCH_DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "BOOL": torch.bool,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
-}
 
 
 @dataclass
 class Chunk:
     start: int  # flat index of the first element
     count: int
-    base: torch.Tensor | None
-    models: list[torch.Tensor]
-    fishers: list[torch.Tensor]
-    out: torch.Tensor | None = None
+    base: Any | None  # typed views of the inputs, as the backend takes them
+    models: list
+    fishers: list
+    inputs_raw: list[np.ndarray] = field(default_factory=list)  # the same inputs' bytes, base first
+    out: Any | None = None
+    out_raw: np.ndarray | None = None
 
 
 class Buffers:
@@ -43,10 +48,18 @@ class Buffers:
 
     def __init__(self, input_itemsizes: Sequence[int], out_itemsize: int, chunk_elements: int, pinned: bool):
         self.chunk_elements = chunk_elements
+        self._pinned_owners = []  # torch tensors behind pinned numpy views
 
-        def allocate(nbytes: int) -> torch.Tensor:
-            buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pinned)
-            buffer.zero_()
+        def allocate(nbytes: int) -> np.ndarray:
+            if pinned:
+                import torch
+
+                owner = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
+                self._pinned_owners.append(owner)
+                buffer = owner.numpy()
+            else:
+                buffer = np.empty(max(nbytes, 1), dtype=np.uint8)
+            buffer.fill(0)
             return buffer
 
         self.inputs = [[allocate(chunk_elements * size) for size in input_itemsizes] for _ in range(2)]
@@ -75,27 +88,100 @@ class FileCache:
         self._fds.clear()
 
 
+class ChunkIO:
+    """The merge's two input slots with one read running ahead, and its two output slots with
+    their writes running behind. Not thread-safe: one consumer (the merge loop) drives it."""
+
+    def __init__(self, buffers: Buffers, files: FileCache, reader: ThreadPoolExecutor, writer: ThreadPoolExecutor,
+                 on_written: Callable[[int], None]):
+        self.buffers = buffers
+        self.files = files
+        self.reader = reader
+        self.writer = writer
+        self.on_written = on_written
+        self._held: list[tuple | None] = [None, None]  # (stream, start, stop) each input slot holds or is filling
+        self._reads: list[Future | None] = [None, None]
+        self._in_use: int | None = None  # the input slot the consumer computes on
+        self._writes: list[Future | None] = [None, None]
+        self._next_output = 0
+
+    def get(self, stream: "TensorStream", start: int, stop: int) -> Chunk:
+        """The chunk's inputs, read now unless a slot already holds (or is filling) them."""
+        slot = self._slot_holding((stream, start, stop))
+        if slot is None:
+            slot = self._submit(stream, start, stop)
+        self._in_use = slot
+        return replace(self._reads[slot].result())
+
+    def prefetch(self, stream: "TensorStream", start: int, stop: int) -> None:
+        """Start reading a chunk the consumer will ask for next into the slot it is not using."""
+        if self._slot_holding((stream, start, stop)) is None:
+            self._submit(stream, start, stop)
+
+    def _slot_holding(self, key: tuple) -> int | None:
+        for slot in (0, 1):
+            if self._held[slot] == key:
+                return slot
+        return None
+
+    def _submit(self, stream: "TensorStream", start: int, stop: int) -> int:
+        slot = 0 if self._in_use is None else 1 - self._in_use
+        if self._reads[slot] is not None:
+            wait([self._reads[slot]])  # never read into a buffer a read is still filling
+        self._held[slot] = None
+        self._reads[slot] = self.reader.submit(stream.read, slot, start, stop)
+        self._held[slot] = (stream, start, stop)
+        return slot
+
+    def output_slot(self) -> int:
+        """An output buffer free to fill (its previous write is done)."""
+        slot = self._next_output
+        self._next_output = 1 - slot
+        if self._writes[slot] is not None:
+            self._writes[slot].result()
+            self._writes[slot] = None
+        return slot
+
+    def write(self, slot: int, fd: int, offset: int, raw: np.ndarray) -> None:
+        self._writes[slot] = self.writer.submit(self._write, fd, offset, raw)
+
+    def _write(self, fd: int, offset: int, raw: np.ndarray) -> None:
+        write_exact(fd, memoryview(raw), offset)
+        self.on_written(raw.nbytes)
+
+    def flush(self) -> None:
+        """Wait for every write (before a shard file is closed); raises the first write error."""
+        for slot in (0, 1):
+            future, self._writes[slot] = self._writes[slot], None
+            if future is not None:
+                future.result()
+
+    def drain(self) -> None:
+        """Wait for everything in flight without raising (when the merge stops, normally or not)."""
+        wait([f for f in (*self._reads, *self._writes) if f is not None])
+        self._held = [None, None]
+        self._in_use = None
+
+
 class TensorStream:
     """The chunks of one tensor across all inputs, for a method's statistics and combine passes."""
 
     def __init__(self, context: TensorContext, backend, base: TensorEntry | None, models: Sequence[TensorEntry],
-                 fishers: Sequence[TensorEntry], buffers: Buffers, files: FileCache, reader: ThreadPoolExecutor,
-                 writer: ThreadPoolExecutor, chunk_elements: int, out_dtype: str, out_fd: int | None,
-                 out_offset: int, on_written: Callable[[int], None]):
+                 fishers: Sequence[TensorEntry], io: ChunkIO, chunk_elements: int, out_dtype: str,
+                 out_fd: int | None, out_offset: int):
         self.context = context
         self.backend = backend
         self.base_entry = base
         self.model_entries = list(models)
         self.fisher_entries = list(fishers)
-        self.buffers = buffers
-        self.files = files
-        self.reader = reader
-        self.writer = writer
+        self.io = io
+        self.buffers = io.buffers
+        self.files = io.files
         self.chunk_elements = chunk_elements
         self.out_dtype = out_dtype
-        self.out_fd = out_fd
+        self.out_fd = out_fd  # may be set later: streams are planned before their shard file is created
         self.out_offset = out_offset
-        self.on_written = on_written
+        self.following: TensorStream | None = None  # the stream the merge runs next, read ahead
 
     @property
     def models(self) -> list[TensorEntry]:
@@ -104,60 +190,58 @@ class TensorStream:
     def _entries(self) -> list[TensorEntry]:
         return ([self.base_entry] if self.base_entry is not None else []) + self.model_entries + self.fisher_entries
 
-    def _ranges(self) -> list[tuple[int, int]]:
+    def ranges(self) -> list[tuple[int, int]]:
         numel = self.context.numel
         step = self.chunk_elements
         return [(start, min(numel, start + step)) for start in range(0, numel, step)]
 
-    def _read(self, slot: int, start: int, stop: int) -> Chunk:
+    def view(self, raw: np.ndarray, dtype: str):
+        return self.backend.view(raw, dtype)
+
+    def read(self, slot: int, start: int, stop: int) -> Chunk:
+        """Read a chunk of every input into input slot `slot` (runs on the reader thread)."""
         count = stop - start
-        views = []
+        raws, views = [], []
         for index, entry in enumerate(self._entries()):
             size = DTYPE_SIZES[entry.dtype]
             raw = self.buffers.inputs[slot][index][: count * size]
-            read_exact(self.files.fd(entry.path), memoryview(raw.numpy()), entry.offset + start * size, entry.path)
-            views.append(raw.view(TORCH_DTYPES[entry.dtype]))
+            read_exact(self.files.fd(entry.path), memoryview(raw), entry.offset + start * size, entry.path)
+            raws.append(raw)
+            views.append(self.view(raw, entry.dtype))
         base = views.pop(0) if self.base_entry is not None else None
         models = views[: len(self.model_entries)]
         fishers = views[len(self.model_entries):]
-        return Chunk(start, count, base, models, fishers)
+        return Chunk(start, count, base, models, fishers, raws)
+
+    def _read_ahead(self, index: int, ranges: list[tuple[int, int]], write: bool) -> None:
+        """Prefetch what follows chunk `index`; a one-chunk tensor stays in its slot for all its
+        passes, so the next tensor can be read into the other slot right away."""
+        if index + 1 < len(ranges):
+            self.io.prefetch(self, *ranges[index + 1])
+        elif len(ranges) > 1 and not write:
+            self.io.prefetch(self, *ranges[0])  # a statistics pass is followed by another pass
+        elif self.following is not None:
+            upcoming = self.following.ranges()
+            if upcoming:
+                self.io.prefetch(self.following, *upcoming[0])
 
     def chunks(self, write: bool = False) -> Iterator[Chunk]:
         """Yield each chunk with its inputs read; with write=True, the chunk's `out` buffer is
         written to the output file after the caller fills it (when the caller asks for the next)."""
-        ranges = self._ranges()
-        if not ranges:
-            return
-        pending_read: Future = self.reader.submit(self._read, 0, *ranges[0])
-        pending_writes: list[Future | None] = [None, None]
+        ranges = self.ranges()
         out_size = DTYPE_SIZES[self.out_dtype]
-        try:
-            for index, (start, stop) in enumerate(ranges):
-                chunk = pending_read.result()
-                if index + 1 < len(ranges):
-                    pending_read = self.reader.submit(self._read, (index + 1) % 2, *ranges[index + 1])
-                if write:
-                    slot = index % 2
-                    if pending_writes[slot] is not None:
-                        pending_writes[slot].result()  # the buffer is free once its last write is done
-                    raw = self.buffers.outputs[slot][: (stop - start) * out_size]
-                    chunk.out = raw.view(TORCH_DTYPES[self.out_dtype])
-                yield chunk
-                if write:
-                    pending_writes[slot] = self.writer.submit(self._write, raw, start * out_size)
-        finally:
-            if not pending_read.done():
-                pending_read.result()  # never leave a read running into a buffer we reuse
-            for future in pending_writes:
-                if future is not None:
-                    future.result()
-
-    def _write(self, raw: torch.Tensor, byte_offset: int) -> None:
-        write_exact(self.out_fd, memoryview(raw.numpy()), self.out_offset + byte_offset)
-        self.on_written(raw.numel())
+        for index, (start, stop) in enumerate(ranges):
+            chunk = self.io.get(self, start, stop)
+            self._read_ahead(index, ranges, write)
+            if write:
+                slot = self.io.output_slot()
+                chunk.out_raw = self.buffers.outputs[slot][: (stop - start) * out_size]
+                chunk.out = self.view(chunk.out_raw, self.out_dtype)
+            yield chunk
+            if write:
+                self.io.write(slot, self.out_fd, self.out_offset + start * out_size, chunk.out_raw)
 
     def copy_first_input(self) -> None:
         """Pass a non-float tensor (e.g. an integer buffer) through from the first input unchanged."""
         for chunk in self.chunks(write=True):
-            source = chunk.base if chunk.base is not None else chunk.models[0]
-            chunk.out.view(torch.uint8).copy_(source.view(torch.uint8))
+            np.copyto(chunk.out_raw, chunk.inputs_raw[0])

@@ -122,7 +122,7 @@ gram = backend.delta_gram(base, models)
 rows = torch.empty(n - 3, dtype=torch.float32)
 backend.model_stock_rows(rows, base[:-3], [m[:-3] for m in models], 2048)
 digest = hashlib.sha256()
-for tensor in (out.view(torch.int16), histogram, gram, rows):
+for tensor in (out.view(torch.int16), histogram, torch.from_numpy(gram), rows):
     digest.update(tensor.numpy().tobytes())
 digest.update(repr(l1).encode())
 print(digest.hexdigest())

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_state
+from conftest import load_state, save_llama, tiny_llama_config
 from dtm_fast.cli import main as dtm
 from dtm_fast.merge.config import MergeConfig, ModelInput
 from dtm_fast.merge.methods import METHODS
@@ -107,8 +107,6 @@ def test_bf16_output_and_dtype_override(llama_family, tmp_path):
 
 def test_tied_embeddings_stay_tied(tmp_path):
     import transformers
-
-    from conftest import save_llama, tiny_llama_config
 
     config = tiny_llama_config(tie=True)
     torch.manual_seed(3)

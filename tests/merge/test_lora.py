@@ -237,13 +237,13 @@ def test_small_budget_gives_the_same_bytes_as_a_large_one(lora_family, tmp_path,
     from dtm_fast.merge import lora_materialize
 
     reads = []
-    original = lora_materialize.LoraTensorStream._read
+    original = lora_materialize.LoraTensorStream.read
 
     def counting_read(self, slot, start, stop):
         reads.append(stop - start)
         return original(self, slot, start, stop)
 
-    monkeypatch.setattr(lora_materialize.LoraTensorStream, "_read", counting_read)
+    monkeypatch.setattr(lora_materialize.LoraTensorStream, "read", counting_read)
     outputs = {}
     for budget in ("17MiB", "1GiB"):
         reads.clear()

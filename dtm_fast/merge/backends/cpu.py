@@ -18,9 +18,11 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import torch
+import numpy as np
 
-from dtm_fast.merge.backends.reference import GtaSpec, ReferenceBackend, Sparsify
+from dtm_fast.merge.host_array import HostArray
+from dtm_fast.merge.magnitude import BINS
+from dtm_fast.merge.specs import GtaSpec, Sparsify
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,8 @@ ABI_VERSION = 2  # must equal DTM_KERNELS_ABI_VERSION in kernels/dtm_kernels.h
 LIBRARY_NAME = "libdtm_kernels.so"
 ENV_PATH = "DTM_FAST_KERNELS"
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2}  # safetensors dtype name -> kernel dtype code
+TORCH_NAMES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16"}
 SPARSIFY_KINDS = {"none": 0, "band": 1, "random": 2}
 CONSENSUS_CODES = {None: 0, "sum": 1, "count": 2}
 ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512"}
@@ -146,8 +149,53 @@ def _check(status: int, operation: str) -> None:
         raise ValueError(f"libdtm_kernels {operation} rejected its arguments (status {status})")
 
 
-def _pointers(tensors: Sequence[torch.Tensor]):
-    return (ctypes.c_void_p * max(1, len(tensors)))(*[t.data_ptr() for t in tensors])
+def _dtype_name(array) -> str:
+    """The safetensors dtype name of a HostArray or torch tensor ("?" for dtypes kernels never see)."""
+    if isinstance(array, HostArray):
+        return array.dtype
+    return TORCH_NAMES.get(str(array.dtype), "?")
+
+
+def _torch(array):
+    """A torch tensor for the reference fallback (shares a HostArray's bytes)."""
+    return array.torch() if isinstance(array, HostArray) else array
+
+
+class _KernelArrays:
+    """Chunk inputs as the kernels read them: addresses and one dtype code. Mixed bf16/fp16/fp32
+    inputs are widened to fp32 copies (exact) and non-contiguous tensors copied; the copies are
+    kept alive here for the duration of the call."""
+
+    def __init__(self, arrays: Sequence):
+        for array in arrays:
+            if not isinstance(array, HostArray) and array.device.type != "cpu":
+                raise ValueError("the cpu backend takes CPU tensors")
+        names = {_dtype_name(a) for a in arrays}
+        if len(names) > 1:
+            arrays = [_torch(a).float() for a in arrays]
+            names = {"F32"}
+        self.arrays = [a if isinstance(a, HostArray) or a.is_contiguous() else a.contiguous() for a in arrays]
+        self.code = DTYPE_CODES[names.pop()] if names else 0
+        self.addresses = [_address(a) for a in self.arrays]
+
+    @staticmethod
+    def supported(arrays: Sequence) -> bool:
+        return all(_dtype_name(a) in DTYPE_CODES for a in arrays)
+
+    def pointers(self, first: int = 0):
+        addresses = self.addresses[first:]
+        return (ctypes.c_void_p * max(1, len(addresses)))(*addresses)
+
+    def count(self, out, operation: str) -> int:
+        count = out.numel() if out is not None else self.arrays[0].numel()
+        for array in self.arrays:
+            if array.numel() != count:
+                raise ValueError(f"{operation}: chunk inputs have {array.numel()} and {count} elements")
+        return count
+
+
+def _address(array) -> int:
+    return array.address if isinstance(array, HostArray) else array.data_ptr()
 
 
 def _floats(values: Sequence[float]):
@@ -161,37 +209,27 @@ def _sparsify(rule: Sparsify) -> SparsifyStruct:
                           rule.philox_key[0], rule.philox_key[1], rule.scale, 0)
 
 
-def _same_length(out: torch.Tensor | None, tensors: Sequence[torch.Tensor], operation: str) -> int:
-    count = out.numel() if out is not None else tensors[0].numel()
-    for tensor in tensors:
-        if tensor.numel() != count:
-            raise ValueError(f"{operation}: chunk inputs have {tensor.numel()} and {count} elements")
-    return count
-
-
-def _native_inputs(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
-    """The inputs as contiguous CPU tensors of one kernel dtype, or None when the kernels cannot take
-    them (unsupported dtype). Mixed bf16/fp16/fp32 inputs are widened to fp32, which is exact."""
-    if any(t.device.type != "cpu" for t in tensors):
-        raise ValueError("the cpu backend takes CPU tensors")
-    dtypes = {t.dtype for t in tensors}
-    if not dtypes <= DTYPE_CODES.keys():
-        return None
-    if len(dtypes) > 1:
-        tensors = [t.float() for t in tensors]
-    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
-
-
 class _Output:
-    """A contiguous output the kernels can write (a temporary when `out` is not), copied back."""
+    """A contiguous output the kernels can write (a temporary when a torch `out` is not), copied back."""
 
-    def __init__(self, out: torch.Tensor):
+    def __init__(self, out):
         self.out = out
-        self.target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype)
+        self.target = out if isinstance(out, HostArray) or out.is_contiguous() else out.contiguous()
+        self.address = _address(self.target)
+        self.code = DTYPE_CODES[_dtype_name(out)]
 
     def finish(self) -> None:
         if self.target is not self.out:
             self.out.copy_(self.target)
+
+
+def _histogram_address(histogram) -> int | None:
+    """Address of a contiguous int64[65536] numpy array or torch tensor, else None."""
+    if isinstance(histogram, np.ndarray):
+        ok = histogram.dtype == np.int64 and histogram.flags.c_contiguous and histogram.size == BINS
+        return histogram.ctypes.data if ok else None
+    ok = str(histogram.dtype) == "torch.int64" and histogram.is_contiguous() and histogram.numel() == BINS
+    return histogram.data_ptr() if ok else None
 
 
 class CpuBackend:
@@ -199,7 +237,20 @@ class CpuBackend:
 
     def __init__(self) -> None:
         self._lib = _lib()
-        self._reference = ReferenceBackend()
+        self._reference_backend = None
+
+    @property
+    def _reference(self):
+        """The reference backend, for dtypes the kernels do not handle (imports torch)."""
+        if self._reference_backend is None:
+            from dtm_fast.merge.backends.reference import ReferenceBackend
+
+            self._reference_backend = ReferenceBackend()
+        return self._reference_backend
+
+    def view(self, raw: np.ndarray, dtype: str) -> HostArray:
+        """A chunk's bytes as the kernels take them (no torch)."""
+        return HostArray(raw, dtype)
 
     def workspace_bytes_per_element(self, num_inputs: int) -> int:
         # Tiles live on the stack; reductions keep a few doubles per 2048-element block
@@ -207,117 +258,117 @@ class CpuBackend:
         return 1
 
     def linear(self, out, models, coefficients) -> None:
-        inputs = _native_inputs(models)
-        if inputs is None or out.dtype not in DTYPE_CODES:
-            return self._reference.linear(out, models, coefficients)
-        count = _same_length(out, inputs, "linear")
+        if not _KernelArrays.supported([out, *models]):
+            return self._reference.linear(_torch(out), [_torch(m) for m in models], coefficients)
+        inputs = _KernelArrays(models)
+        count = inputs.count(out, "linear")
         target = _Output(out)
-        _check(self._lib.dtm_linear(target.target.data_ptr(), DTYPE_CODES[out.dtype], _pointers(inputs),
-                                    DTYPE_CODES[inputs[0].dtype] if inputs else 0, len(inputs),
+        _check(self._lib.dtm_linear(target.address, target.code, inputs.pointers(), inputs.code, len(models),
                                     _floats(coefficients), count), "linear")
         target.finish()
 
     def gta(self, out, base, models, spec: GtaSpec, start: int) -> None:
-        inputs = _native_inputs([base, *models])
-        if inputs is None or out.dtype not in DTYPE_CODES:
-            return self._reference.gta(out, base, models, spec, start)
-        count = _same_length(out, inputs, "gta")
+        if not _KernelArrays.supported([out, base, *models]):
+            return self._reference.gta(_torch(out), _torch(base), [_torch(m) for m in models], spec, start)
         if spec.consensus not in CONSENSUS_CODES:
             raise ValueError(f"unknown consensus {spec.consensus!r}")
+        inputs = _KernelArrays([base, *models])
+        count = inputs.count(out, "gta")
         rules = (SparsifyStruct * max(1, len(models)))(*[_sparsify(rule) for rule in spec.sparsify])
         total = float(sum(spec.weights))
         divisor = 1.0 if abs(total) < 1e-8 else total  # as the reference, without consensus
         target = _Output(out)
-        _check(self._lib.dtm_gta(target.target.data_ptr(), DTYPE_CODES[out.dtype], inputs[0].data_ptr(),
-                                 _pointers(inputs[1:]), DTYPE_CODES[inputs[0].dtype], len(models),
-                                 _floats(spec.weights), rules, CONSENSUS_CODES[spec.consensus],
+        _check(self._lib.dtm_gta(target.address, target.code, inputs.addresses[0], inputs.pointers(1), inputs.code,
+                                 len(models), _floats(spec.weights), rules, CONSENSUS_CODES[spec.consensus],
                                  int(spec.normalize), divisor, spec.lambda_, start, count), "gta")
         target.finish()
 
     def abs_delta_histogram(self, base, model, histogram, bucket) -> None:
-        inputs = _native_inputs([base, model])
-        if (inputs is None or histogram.dtype != torch.int64 or not histogram.is_contiguous()
-                or histogram.numel() != 1 << 16):
-            return self._reference.abs_delta_histogram(base, model, histogram, bucket)
-        count = _same_length(None, inputs, "abs_delta_histogram")
-        _check(self._lib.dtm_abs_delta_histogram(inputs[0].data_ptr(), inputs[1].data_ptr(),
-                                                 DTYPE_CODES[inputs[0].dtype], count, histogram.data_ptr(),
-                                                 -1 if bucket is None else int(bucket)), "abs_delta_histogram")
+        address = _histogram_address(histogram)
+        if address is None or not _KernelArrays.supported([base, model]):
+            return self._reference.abs_delta_histogram(_torch(base), _torch(model), histogram, bucket)
+        inputs = _KernelArrays([base, model])
+        count = inputs.count(None, "abs_delta_histogram")
+        _check(self._lib.dtm_abs_delta_histogram(inputs.addresses[0], inputs.addresses[1], inputs.code, count,
+                                                 address, -1 if bucket is None else int(bucket)),
+               "abs_delta_histogram")
 
     def masked_l1(self, base, model, rule: Sparsify, start: int) -> tuple[float, float]:
-        inputs = _native_inputs([base, model])
-        if inputs is None:
-            return self._reference.masked_l1(base, model, rule, start)
-        count = _same_length(None, inputs, "masked_l1")
+        if not _KernelArrays.supported([base, model]):
+            return self._reference.masked_l1(_torch(base), _torch(model), rule, start)
+        inputs = _KernelArrays([base, model])
+        count = inputs.count(None, "masked_l1")
         result = (ctypes.c_double * 2)()
-        _check(self._lib.dtm_masked_l1(inputs[0].data_ptr(), inputs[1].data_ptr(), DTYPE_CODES[inputs[0].dtype],
-                                       count, ctypes.byref(_sparsify(rule)), start, result), "masked_l1")
+        _check(self._lib.dtm_masked_l1(inputs.addresses[0], inputs.addresses[1], inputs.code, count,
+                                       ctypes.byref(_sparsify(rule)), start, result), "masked_l1")
         return float(result[0]), float(result[1])
 
-    def delta_gram(self, base, models) -> torch.Tensor:
-        inputs = _native_inputs([base, *models])
-        if inputs is None:
-            return self._reference.delta_gram(base, models)
-        count = _same_length(None, inputs, "delta_gram")
-        gram = torch.zeros((len(models), len(models)), dtype=torch.float64)
-        _check(self._lib.dtm_delta_gram(inputs[0].data_ptr(), _pointers(inputs[1:]), DTYPE_CODES[inputs[0].dtype],
-                                        len(models), count, gram.data_ptr()), "delta_gram")
+    def delta_gram(self, base, models) -> np.ndarray:
+        """(K, K) float64 numpy matrix of the deltas' dot products."""
+        if not _KernelArrays.supported([base, *models]):
+            return self._reference.delta_gram(_torch(base), [_torch(m) for m in models])
+        inputs = _KernelArrays([base, *models])
+        count = inputs.count(None, "delta_gram")
+        gram = np.zeros((len(models), len(models)), dtype=np.float64)
+        _check(self._lib.dtm_delta_gram(inputs.addresses[0], inputs.pointers(1), inputs.code, len(models), count,
+                                        gram.ctypes.data), "delta_gram")
         return gram
 
     def model_stock_combine(self, out, base, models, ratio: float) -> None:
-        inputs = _native_inputs([base, *models])
-        if inputs is None or out.dtype not in DTYPE_CODES or not models:
-            return self._reference.model_stock_combine(out, base, models, ratio)
-        count = _same_length(out, inputs, "model_stock_combine")
+        if not models or not _KernelArrays.supported([out, base, *models]):
+            return self._reference.model_stock_combine(_torch(out), _torch(base), [_torch(m) for m in models], ratio)
+        inputs = _KernelArrays([base, *models])
+        count = inputs.count(out, "model_stock_combine")
         target = _Output(out)
-        _check(self._lib.dtm_model_stock_combine(target.target.data_ptr(), DTYPE_CODES[out.dtype],
-                                                 inputs[0].data_ptr(), _pointers(inputs[1:]),
-                                                 DTYPE_CODES[inputs[0].dtype], len(models), ratio, 1 - ratio,
-                                                 count), "model_stock_combine")
+        _check(self._lib.dtm_model_stock_combine(target.address, target.code, inputs.addresses[0], inputs.pointers(1),
+                                                 inputs.code, len(models), ratio, 1 - ratio, count),
+               "model_stock_combine")
         target.finish()
 
     def model_stock_rows(self, out, base, models, row_length: int) -> None:
-        inputs = _native_inputs([base, *models])
-        if inputs is None or out.dtype not in DTYPE_CODES or len(models) < 2 or row_length <= 0:
-            return self._reference.model_stock_rows(out, base, models, row_length)
-        count = _same_length(out, inputs, "model_stock_rows")
+        if len(models) < 2 or row_length <= 0 or not _KernelArrays.supported([out, base, *models]):
+            return self._reference.model_stock_rows(_torch(out), _torch(base), [_torch(m) for m in models],
+                                                    row_length)
+        inputs = _KernelArrays([base, *models])
+        count = inputs.count(out, "model_stock_rows")
         if count % row_length:
             raise ValueError(f"model_stock_rows: {count} elements are not whole rows of {row_length}")
         target = _Output(out)
-        _check(self._lib.dtm_model_stock_rows(target.target.data_ptr(), DTYPE_CODES[out.dtype],
-                                              inputs[0].data_ptr(), _pointers(inputs[1:]),
-                                              DTYPE_CODES[inputs[0].dtype], len(models), count // row_length,
-                                              row_length), "model_stock_rows")
+        _check(self._lib.dtm_model_stock_rows(target.address, target.code, inputs.addresses[0], inputs.pointers(1),
+                                              inputs.code, len(models), count // row_length, row_length),
+               "model_stock_rows")
         target.finish()
 
     def slerp_rows(self, out, first, second, row_length: int, t: float) -> None:
-        inputs = _native_inputs([first, second])
-        if inputs is None or out.dtype not in DTYPE_CODES or row_length <= 0:
-            return self._reference.slerp_rows(out, first, second, row_length, t)
-        count = _same_length(out, inputs, "slerp_rows")
+        if row_length <= 0 or not _KernelArrays.supported([out, first, second]):
+            return self._reference.slerp_rows(_torch(out), _torch(first), _torch(second), row_length, t)
+        inputs = _KernelArrays([first, second])
+        count = inputs.count(out, "slerp_rows")
         if count % row_length:
             raise ValueError(f"slerp_rows: {count} elements are not whole rows of {row_length}")
         target = _Output(out)
-        _check(self._lib.dtm_slerp_rows(target.target.data_ptr(), DTYPE_CODES[out.dtype], inputs[0].data_ptr(),
-                                        inputs[1].data_ptr(), DTYPE_CODES[inputs[0].dtype], count // row_length,
-                                        row_length, float(t)), "slerp_rows")
+        _check(self._lib.dtm_slerp_rows(target.address, target.code, inputs.addresses[0], inputs.addresses[1],
+                                        inputs.code, count // row_length, row_length, float(t)), "slerp_rows")
         target.finish()
 
     def fisher(self, out, models, fishers, weights, epsilon: float) -> None:
-        model_inputs = _native_inputs(models)
-        fisher_inputs = _native_inputs(fishers)
-        if model_inputs is None or fisher_inputs is None or out.dtype not in DTYPE_CODES or not models:
-            return self._reference.fisher(out, models, fishers, weights, epsilon)
-        count = _same_length(out, [*model_inputs, *fisher_inputs], "fisher")
+        if not models or not _KernelArrays.supported([out, *models, *fishers]):
+            return self._reference.fisher(_torch(out), [_torch(m) for m in models], [_torch(f) for f in fishers],
+                                          weights, epsilon)
+        model_inputs = _KernelArrays(models)
+        fisher_inputs = _KernelArrays(fishers)
+        count = model_inputs.count(out, "fisher")
+        fisher_inputs.count(out, "fisher")
         target = _Output(out)
-        _check(self._lib.dtm_fisher(target.target.data_ptr(), DTYPE_CODES[out.dtype], _pointers(model_inputs),
-                                    DTYPE_CODES[model_inputs[0].dtype], _pointers(fisher_inputs),
-                                    DTYPE_CODES[fisher_inputs[0].dtype], len(models), _floats(weights), epsilon,
-                                    count), "fisher")
+        _check(self._lib.dtm_fisher(target.address, target.code, model_inputs.pointers(), model_inputs.code,
+                                    fisher_inputs.pointers(), fisher_inputs.code, len(models), _floats(weights),
+                                    epsilon, count), "fisher")
         target.finish()
 
-    def keep_mask(self, key: tuple[int, int], start: int, count: int, threshold: int) -> torch.Tensor:
-        """DARE's keep-mask for elements start .. start+count-1 (rng.keep_mask, natively)."""
+    def keep_mask(self, key: tuple[int, int], start: int, count: int, threshold: int):
+        """DARE's keep-mask for elements start .. start+count-1 (rng.keep_mask, natively), as a torch bool tensor."""
+        import torch
+
         mask = torch.empty(count, dtype=torch.bool)
         _check(self._lib.dtm_dare_keep_mask(mask.data_ptr(), key[0], key[1], threshold, start, count),
                "dare_keep_mask")

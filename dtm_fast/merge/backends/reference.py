@@ -8,42 +8,14 @@ products, L1 sums) accumulate in float64 so that their value does not depend on 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from dtm_fast.merge import rng
+from dtm_fast.merge.host_array import torch_dtype
 from dtm_fast.merge.magnitude import BINS, magnitude_keys
-
-NO_UPPER_KEY = (1 << 31) - 1  # above every magnitude key, NaN included
-
-
-@dataclass(frozen=True)
-class Sparsify:
-    """How one model's deltas are thinned before they are combined.
-
-    kind "none": keep all; "band": keep low_key <= key(|d|) <= high_key (TIES: high_key is
-    NO_UPPER_KEY; breadcrumbs: both bounds); "random": keep where the Philox draw is below
-    `threshold` (DARE). Kept deltas are multiplied by `scale` (DARE's rescale)."""
-
-    kind: str = "none"
-    low_key: int = 0
-    high_key: int = NO_UPPER_KEY
-    philox_key: tuple[int, int] = (0, 0)
-    threshold: int = 1 << 24
-    scale: float = 1.0
-
-
-@dataclass(frozen=True)
-class GtaSpec:
-    """Generalised task arithmetic: y = b + lambda * combine_i(w_i * sparsify_i(x_i - b))."""
-
-    weights: tuple[float, ...]
-    sparsify: tuple[Sparsify, ...]
-    consensus: str | None  # None, "sum" (TIES) or "count"
-    normalize: bool
-    lambda_: float
+from dtm_fast.merge.specs import NO_UPPER_KEY, GtaSpec, Sparsify  # noqa: F401 - NO_UPPER_KEY re-exported
 
 
 def keep_mask(delta: torch.Tensor, rule: Sparsify, start: int) -> torch.Tensor | None:
@@ -60,6 +32,10 @@ def keep_mask(delta: torch.Tensor, rule: Sparsify, start: int) -> torch.Tensor |
 
 class ReferenceBackend:
     name = "reference"
+
+    def view(self, raw: "numpy.ndarray", dtype: str) -> torch.Tensor:
+        """A chunk's bytes as the tensor this backend computes on (shares the memory)."""
+        return torch.from_numpy(raw).view(torch_dtype(dtype))
 
     def workspace_bytes_per_element(self, num_inputs: int) -> int:
         # fp32 copies of every input, the stacked deltas and masks, plus Philox's int64 temporaries
@@ -106,6 +82,7 @@ class ReferenceBackend:
         """Adds to `histogram` (int64[65536]) the high 16 bits of every |x - b| key, or, with
         `bucket`, the low 16 bits of the keys whose high bits equal it."""
         keys = magnitude_keys(model.float() - base.float())
+        histogram = torch.as_tensor(histogram)  # numpy histograms are updated in place too
         if bucket is None:
             histogram += torch.bincount(keys >> 16, minlength=BINS)
         else:
@@ -119,10 +96,10 @@ class ReferenceBackend:
         kept = delta if mask is None else torch.where(mask, delta, torch.zeros_like(delta))
         return float(delta.sum()), float(kept.sum())
 
-    def delta_gram(self, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
-        """(models, models) float64 matrix of dot products of the deltas x_i - b."""
+    def delta_gram(self, base: torch.Tensor, models: Sequence[torch.Tensor]) -> "numpy.ndarray":
+        """(models, models) float64 numpy matrix of dot products of the deltas x_i - b."""
         deltas = torch.stack([(model.float() - base.float()).double() for model in models])
-        return deltas @ deltas.T
+        return (deltas @ deltas.T).numpy()
 
     def model_stock_combine(self, out: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor],
                             ratio: float) -> None:

@@ -20,7 +20,9 @@ from typing import Sequence
 import torch
 
 from dtm_fast.errors import DtmError
-from dtm_fast.merge.backends.reference import GtaSpec, Sparsify, model_stock_ratio, slerp_coefficients_from_products
+from dtm_fast.merge.backends.reference import (
+    GtaSpec, ReferenceBackend, Sparsify, model_stock_ratio, slerp_coefficients_from_products,
+)
 from dtm_fast.merge.magnitude import BINS
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,7 @@ class _DeviceBuffers:
 class TritonBackend:
     name = "triton"
     wants_pinned_buffers = True  # cleared under the interpreter, where nothing is copied to a GPU
+    view = ReferenceBackend.view  # chunks arrive as torch views of the (pinned) host buffers
 
     def __init__(self, device: str | torch.device | None = None):
         from dtm_fast.merge.backends import triton_kernels  # imports triton: only once the backend is used
@@ -315,7 +318,7 @@ class TritonBackend:
             self._host_histogram.copy_(counts, non_blocking=True)
 
         self._run(work)
-        histogram += self._host_histogram
+        torch.as_tensor(histogram).add_(self._host_histogram)  # numpy histograms are updated in place too
 
     def masked_l1(self, base: torch.Tensor, model: torch.Tensor, rule: Sparsify, start: int) -> tuple[float, float]:
         count = base.numel()
@@ -337,10 +340,10 @@ class TritonBackend:
         total, kept = self._run(work)
         return float(total), float(kept)
 
-    def delta_gram(self, base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
+    def delta_gram(self, base: torch.Tensor, models: Sequence[torch.Tensor]) -> "numpy.ndarray":
         count = base.numel()
         if count == 0:
-            return torch.zeros((len(models), len(models)), dtype=torch.float64)
+            return torch.zeros((len(models), len(models)), dtype=torch.float64).numpy()
 
         def work():
             staged_base, base_kind = self._stage("base", [base], count)
@@ -348,7 +351,7 @@ class TritonBackend:
             partial = self._row_gram(staged, model_kind, len(models), staged_base, base_kind, count, GRAM_SEGMENT)
             return partial.sum(0).cpu()
 
-        return self._run(work)
+        return self._run(work).numpy()
 
     def _row_gram(self, staged, kind, count_inputs, staged_base, base_kind, count, row_length) -> torch.Tensor:
         """(rows, M, M) float64 Gram matrices of the inputs' rows of `row_length` (deltas from the base

@@ -16,17 +16,15 @@ from __future__ import annotations
 
 from typing import ClassVar, Sequence
 
-import torch
-
 from dtm_fast.errors import DtmError
 from dtm_fast.merge import rng
-from dtm_fast.merge.backends.reference import NO_UPPER_KEY, GtaSpec, Sparsify
 from dtm_fast.merge.magnitude import (
-    RadixSearch, breadcrumbs_ranks, kth_largest_key_in_memory, magnitude_keys, top_k_count,
+    RadixSearch, breadcrumbs_ranks, kth_largest_key_in_memory, magnitude_keys, new_histogram, top_k_count,
 )
 from dtm_fast.merge.methods.base import (
     MergeMethod, Param, TensorContext, TensorParams, in_open_closed_unit, in_unit,
 )
+from dtm_fast.merge.specs import NO_UPPER_KEY, GtaSpec, Sparsify
 
 RESCALE_CHOICES = ("none", "l1", "inverse_density")
 L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor tolerance
@@ -111,6 +109,8 @@ class GeneralizedTaskArithmetic(MergeMethod):
 
     # -- the definition --------------------------------------------------------------------------
     def reference(self, params, base, models, context, fishers=()):
+        import torch
+
         from dtm_fast.merge.backends.reference import ReferenceBackend, keep_mask
 
         base32 = base.float().reshape(-1)
@@ -170,7 +170,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
         if not any(searches):
             return [None] * len(stream.models)
         backend = stream.backend
-        high = [torch.zeros(1 << 16, dtype=torch.int64) for _ in searches]
+        high = [new_histogram() for _ in searches]
         for chunk in stream.chunks():
             for index, model in enumerate(chunk.models):
                 if searches[index]:
@@ -179,7 +179,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
         for index, model_searches in enumerate(searches):
             for search in model_searches:
                 search.locate_bucket(high[index])
-                buckets.setdefault((index, search.bucket), torch.zeros(1 << 16, dtype=torch.int64))
+                buckets.setdefault((index, search.bucket), new_histogram())
         for chunk in stream.chunks():
             for (index, bucket), histogram in buckets.items():
                 backend.abs_delta_histogram(chunk.base, chunk.models[index], histogram, bucket)

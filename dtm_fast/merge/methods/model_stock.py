@@ -29,13 +29,15 @@ class ModelStock(MergeMethod):
             for chunk in stream.chunks(write=True):
                 backend.model_stock_rows(chunk.out, chunk.base, chunk.models, stream.context.row_length)
             return
+        import torch
+
         from dtm_fast.merge.backends.reference import model_stock_ratio
 
         gram = None
         for chunk in stream.chunks():
-            part = backend.delta_gram(chunk.base, chunk.models)
+            part = backend.delta_gram(chunk.base, chunk.models)  # (K, K) float64 numpy
             gram = part if gram is None else gram + part
-        ratio = float(model_stock_ratio(gram))
+        ratio = float(model_stock_ratio(torch.from_numpy(gram)))
         for chunk in stream.chunks(write=True):
             backend.model_stock_combine(chunk.out, chunk.base, chunk.models, ratio)
 

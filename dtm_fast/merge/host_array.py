@@ -1,0 +1,55 @@
+"""Typed views of the merge's host byte buffers without torch.
+
+The native (cpu) backend only needs an address, a dtype and a length, so chunks handed to it are
+`HostArray`s over numpy byte buffers and a native merge never imports torch (about 2 s of start-up
+on a small machine, more than a whole 1 GB merge takes). Backends that compute with torch get
+zero-copy torch views of the same bytes instead (`torch_dtype`, `HostArray.torch`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dtm_fast.io.safetensors_format import DTYPE_SIZES
+
+# safetensors dtype name -> torch dtype attribute
+TORCH_DTYPE_ATTRIBUTES = {
+    "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "BOOL": "bool",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8",
+}
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a safetensors dtype name (imports torch)."""
+    import torch
+
+    return getattr(torch, TORCH_DTYPE_ATTRIBUTES[name])
+
+
+class HostArray:
+    """A 1-D array of safetensors dtype `dtype` stored in the numpy byte buffer `raw` (contiguous)."""
+
+    __slots__ = ("raw", "dtype")
+
+    def __init__(self, raw: np.ndarray, dtype: str):
+        if raw.dtype != np.uint8 or raw.ndim != 1 or not raw.flags.c_contiguous:
+            raise ValueError("HostArray takes a contiguous 1-D uint8 buffer")
+        if raw.nbytes % DTYPE_SIZES[dtype]:
+            raise ValueError(f"{raw.nbytes} bytes are not whole {dtype} elements")
+        self.raw = raw
+        self.dtype = dtype
+
+    def numel(self) -> int:
+        return self.raw.nbytes // DTYPE_SIZES[self.dtype]
+
+    @property
+    def address(self) -> int:
+        return self.raw.__array_interface__["data"][0]
+
+    def torch(self):
+        """A torch tensor sharing these bytes."""
+        import torch
+
+        return torch.from_numpy(self.raw).view(torch_dtype(self.dtype))

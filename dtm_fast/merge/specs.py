@@ -1,0 +1,35 @@
+"""The per-model rules a generalised task arithmetic combine applies, as plain values: what every
+backend's `gta` operation takes (no torch here, so the native path never imports it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NO_UPPER_KEY = (1 << 31) - 1  # above every magnitude key, NaN included
+
+
+@dataclass(frozen=True)
+class Sparsify:
+    """How one model's deltas are thinned before they are combined.
+
+    kind "none": keep all; "band": keep low_key <= key(|d|) <= high_key (TIES: high_key is
+    NO_UPPER_KEY; breadcrumbs: both bounds); "random": keep where the Philox draw is below
+    `threshold` (DARE). Kept deltas are multiplied by `scale` (DARE's rescale)."""
+
+    kind: str = "none"
+    low_key: int = 0
+    high_key: int = NO_UPPER_KEY
+    philox_key: tuple[int, int] = (0, 0)
+    threshold: int = 1 << 24
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class GtaSpec:
+    """Generalised task arithmetic: y = b + lambda * combine_i(w_i * sparsify_i(x_i - b))."""
+
+    weights: tuple[float, ...]
+    sparsify: tuple[Sparsify, ...]
+    consensus: str | None  # None, "sum" (TIES) or "count"
+    normalize: bool
+    lambda_: float
