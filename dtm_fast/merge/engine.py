@@ -21,6 +21,11 @@ from dtm_fast.merge.plan import OutputPlan, PlannedShard, check_agreement, check
 log = logging.getLogger(__name__)
 FIXED_OVERHEAD_BYTES = 16 * 1024**2  # histograms, thread stacks, Python objects
 MIN_CHUNK_ELEMENTS = 4096
+# A tensor merged in one pass streams through slots of about this many bytes (all inputs and the
+# output of one chunk): small enough that what the reader thread has just copied is still in the
+# CPU cache when the kernel reads it, large enough that per-chunk overhead stays negligible
+# (measured on the 1.32 GB default bench set: 1M-element chunks merged 30% faster than 25M ones).
+STREAMING_SLOT_BYTES = 10 * 2**20
 TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
@@ -125,6 +130,27 @@ def chunk_elements_for(config: MergeConfig, inputs: Inputs, plan: OutputPlan, ba
     return chunk, input_sizes, out_size
 
 
+def tensor_chunk_elements(config: MergeConfig, plan: OutputPlan, shards: list[PlannedShard], budget_chunk: int,
+                          slot_bytes: int) -> dict[str, int]:
+    """Chunk length of every tensor: a tensor with statistics passes takes the largest chunk the
+    budget allows, so that it is read once for all its passes when it fits; a one-pass tensor streams
+    in cache-sized chunks. Row-wise methods get whole rows."""
+    method = config.method_impl
+    streaming = max(MIN_CHUNK_ELEMENTS, STREAMING_SLOT_BYTES // slot_bytes // MIN_CHUNK_ELEMENTS * MIN_CHUNK_ELEMENTS)
+    result = {}
+    for shard in shards:
+        for tensor in shard.tensors:
+            params = config.tensor_params(tensor.name, tensor.layer_index, plan.num_layers)
+            chunk = budget_chunk
+            if not (tensor.merged and method.has_statistics_pass(params)):
+                chunk = min(budget_chunk, streaming)
+            row_length = tensor.numel // tensor.shape[0] if len(tensor.shape) >= 2 and tensor.shape[0] else 1
+            if tensor.merged and method.needs_whole_rows(params) and row_length > 1:
+                chunk = max(chunk, row_length) // row_length * row_length  # budget_chunk holds a row
+            result[tensor.name] = chunk
+    return result
+
+
 def check_all_params(config: MergeConfig, plan: OutputPlan) -> None:
     """Every tensor's resolved parameters are valid before any output exists."""
     method = config.method_impl
@@ -165,9 +191,11 @@ def run_merge(config: MergeConfig) -> Path:
     from dtm_fast.merge.stream import Buffers, ChunkIO, FileCache
 
     baseline = resident_bytes()
+    chunks = tensor_chunk_elements(config, plan, todo, chunk, sum(input_sizes) + out_size)
+    chunk = max(chunks.values(), default=MIN_CHUNK_ELEMENTS)
     buffers = Buffers(input_sizes, out_size, chunk, pinned=getattr(backend, "wants_pinned_buffers", False))
-    log.info("method %s, backend %s, %d-element chunks (%s of buffers)", config.method, backend.name, chunk,
-             ui.format_bytes(Buffers.bytes_needed(input_sizes, out_size, chunk)))
+    log.info("method %s, backend %s, chunks of up to %d elements (%s of buffers)", config.method, backend.name,
+             chunk, ui.format_bytes(Buffers.bytes_needed(input_sizes, out_size, chunk)))
     files = FileCache()
     total = sum(sum(t.nbytes for t in s.tensors) for s in todo)
     try:
@@ -179,7 +207,7 @@ def run_merge(config: MergeConfig) -> Path:
 
             io = ChunkIO(buffers, files, reader, writer, written)
             try:
-                streams = plan_streams(config, inputs, plan, todo, backend, io, chunk)
+                streams = plan_streams(config, inputs, plan, todo, backend, io, chunks)
                 for shard, shard_streams in zip(todo, streams):
                     merge_shard(config, plan, shard, shard_streams, partial, io)
             finally:
@@ -190,7 +218,7 @@ def run_merge(config: MergeConfig) -> Path:
 
 
 def plan_streams(config: MergeConfig, inputs: Inputs, plan: OutputPlan, shards: list[PlannedShard], backend,
-                 io, chunk: int) -> list[list]:
+                 io, chunks: dict[str, int]) -> list[list]:
     """One TensorStream per tensor of each shard, in merge order, each knowing the one after it so
     its first chunk is read while the current tensor computes."""
     from dtm_fast.merge.methods.base import TensorContext
@@ -207,15 +235,12 @@ def plan_streams(config: MergeConfig, inputs: Inputs, plan: OutputPlan, shards: 
             params = config.tensor_params(tensor.name, tensor.layer_index, plan.num_layers)
             if tensor.merged:
                 fishers = [f.tensors[tensor.name] for f in inputs.fishers]
-                tensor_chunk = chunk
-                if method.needs_whole_rows(params) and context.row_length > 1:
-                    tensor_chunk = chunk // context.row_length * context.row_length
                 stream = TensorStream(context, backend, base if method.needs_base else None, models, fishers, io,
-                                      tensor_chunk, tensor.out_dtype, None, tensor.offset)
+                                      chunks[tensor.name], tensor.out_dtype, None, tensor.offset)
             else:  # copied unchanged from the base (or the first model)
                 source = base if base is not None else models[0]
-                stream = TensorStream(context, backend, None, [source], [], io, chunk, tensor.out_dtype, None,
-                                      tensor.offset)
+                stream = TensorStream(context, backend, None, [source], [], io, chunks[tensor.name],
+                                      tensor.out_dtype, None, tensor.offset)
             if previous is not None:
                 previous.following = stream
             shard_streams.append((tensor, params, stream))

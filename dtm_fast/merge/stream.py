@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from dtm_fast.io.output import start_writeback
 from dtm_fast.io.safetensors_format import DTYPE_SIZES, TensorEntry, read_exact, write_exact
 from dtm_fast.merge.methods.base import TensorContext
 
@@ -147,6 +148,7 @@ class ChunkIO:
 
     def _write(self, fd: int, offset: int, raw: np.ndarray) -> None:
         write_exact(fd, memoryview(raw), offset)
+        start_writeback(fd, offset, raw.nbytes)
         self.on_written(raw.nbytes)
 
     def flush(self) -> None:

@@ -95,6 +95,10 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         if not path.is_file():
             tried.append(str(path))
             continue
+        # The merge's reader and writer threads share the cores with the kernels' OpenMP team:
+        # workers that spin between kernels (libgomp's default) steal their time. Read by libgomp
+        # when it loads with the library, so set before; a user's own setting wins.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         try:
             library = ctypes.CDLL(str(path))
         except OSError as error:

@@ -95,6 +95,11 @@ class MergeMethod(ABC):
     needs_fisher: ClassVar[bool] = False
     row_wise: ClassVar[bool] = False  # statistics per leading-axis row: chunks hold whole rows
 
+    def has_statistics_pass(self, params: TensorParams) -> bool:
+        """Whether merge() reads the tensor more than once (statistics, then combine): the engine
+        then gives it chunks as large as the budget allows, so a tensor that fits is read once."""
+        return False
+
     def needs_whole_rows(self, params: TensorParams) -> bool:
         """Whether every chunk must hold whole leading-axis rows (per-row statistics)."""
         return self.row_wise

@@ -62,6 +62,12 @@ class GeneralizedTaskArithmetic(MergeMethod):
         if self.sparsification is not None and params["rescale"] == "inverse_density" and self.sparsification != "random":
             raise DtmError(f"{where}: rescale 'inverse_density' applies to random (DARE) masks only; use l1 or none")
 
+    def has_statistics_pass(self, params: TensorParams) -> bool:
+        if self.sparsification is None:
+            return False
+        thins = any(density < 1 for density in params.model("density"))
+        return thins and (self.sparsification in ("magnitude", "band") or params["rescale"] == "l1")
+
     # -- which deltas are kept -------------------------------------------------------------------
     def _ranks(self, params: TensorParams, index: int, numel: int) -> tuple[int, int] | None:
         """Descending ranks (first, last) of the kept magnitude band, or None when all are kept."""

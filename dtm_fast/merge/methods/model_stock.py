@@ -41,5 +41,8 @@ class ModelStock(MergeMethod):
         for chunk in stream.chunks(write=True):
             backend.model_stock_combine(chunk.out, chunk.base, chunk.models, ratio)
 
+    def has_statistics_pass(self, params):
+        return not params["filter_wise"]
+
     def needs_whole_rows(self, params):
         return bool(params["filter_wise"])
