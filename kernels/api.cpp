@@ -84,8 +84,8 @@ int dtm_gta(void* out, int out_dtype, const void* base, const void* const* model
 }
 
 int dtm_abs_delta_histogram(const void* base, const void* model, int dtype, int64_t n, int64_t* histogram,
-                            int32_t bucket) {
-  return ops().abs_delta_histogram(base, model, dtype, n, histogram, bucket);
+                            int32_t bucket, int64_t* low_histogram, int32_t low_bucket) {
+  return ops().abs_delta_histogram(base, model, dtype, n, histogram, bucket, low_histogram, low_bucket);
 }
 
 int dtm_masked_l1(const void* base, const void* model, int dtype, int64_t n, const dtm_sparsify* rule,

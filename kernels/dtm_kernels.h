@@ -13,7 +13,7 @@
 #include <stdint.h>
 
 // Bump whenever a signature or struct below changes; cpu.py refuses any other version.
-#define DTM_KERNELS_ABI_VERSION 2
+#define DTM_KERNELS_ABI_VERSION 3
 
 #define DTM_F32 0
 #define DTM_F16 1
@@ -40,8 +40,9 @@ extern "C" {
 #endif
 
 // How one model's deltas are thinned (reference.Sparsify). band: keep low_key <= key <= high_key,
-// key = fp32 bit pattern of |delta|; random: keep iff (philox word0 >> 8) < threshold (24-bit),
-// Philox key (key_low, key_high), counter = start + element index. Kept deltas are multiplied by
+// key = fp32 bit pattern of |delta|; random: keep iff (draw >> 8) < threshold (24-bit), the draw of
+// flat element index i = start + element being word (i/16)%4 of Philox4x32-10 with key
+// (key_low, key_high) and counter (i/64)*16 + i%16 (numeric.h). Kept deltas are multiplied by
 // `scale` (not for kind none).
 typedef struct dtm_sparsify {
   int32_t kind;
@@ -70,9 +71,10 @@ int dtm_gta(void* out, int out_dtype, const void* base, const void* const* model
             int normalize, float divisor, float lambda, int64_t start, int64_t n);
 
 // Adds to histogram[65536] the high 16 bits of every |x - b| key (bucket < 0), or the low 16 bits of
-// the keys whose high 16 bits equal `bucket`.
+// the keys whose high 16 bits equal `bucket`. With low_histogram (not NULL; bucket < 0 then), the same
+// pass adds to it the low 16 bits of the keys whose high 16 bits equal low_bucket.
 int dtm_abs_delta_histogram(const void* base, const void* model, int dtype, int64_t n, int64_t* histogram,
-                            int32_t bucket);
+                            int32_t bucket, int64_t* low_histogram, int32_t low_bucket);
 
 // result[0] = sum |x - b|, result[1] = the same sum over kept elements.
 int dtm_masked_l1(const void* base, const void* model, int dtype, int64_t n, const dtm_sparsify* rule,

@@ -98,13 +98,16 @@ template <> struct Element<DTM_F16> {
   }
 };
 
-// Philox4x32-10 (Salmon et al., SC'11), as dtm_fast/merge/rng.py: counter (index_lo, index_hi, 0, 0),
-// only output word 0 is used. Round keys are precomputed once per call.
+// Philox4x32-10 (Salmon et al., SC'11), as dtm_fast/merge/rng.py. Every output word is used: elements
+// come in blocks of 64, and element 64b + 16w + j draws word w of counter 16b + j (counter as
+// (low 32 bits, high 32 bits, 0, 0)), so 16 SIMD lanes of counters fill a block without shuffles.
+// Round keys are precomputed once per call.
 constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
 constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
 constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 constexpr int kPhiloxRounds = 10;
+constexpr int64_t kPhiloxBlock = 64;  // elements per 16 counters
 
 struct PhiloxKeys {
   uint32_t k0[kPhiloxRounds];
@@ -119,25 +122,37 @@ struct PhiloxKeys {
   }
 };
 
-static inline uint32_t philox_word0(uint64_t index, const PhiloxKeys& keys) {
-  uint32_t c0 = uint32_t(index), c1 = uint32_t(index >> 32), c2 = 0, c3 = 0;
+// Ten rounds on the counter words c (in place): c becomes the four output words.
+static inline void philox4x32(uint32_t* c, const PhiloxKeys& keys) {
   for (int round = 0; round < kPhiloxRounds; ++round) {
-    const uint64_t product0 = uint64_t(kPhiloxM0) * c0;
-    const uint64_t product1 = uint64_t(kPhiloxM1) * c2;
-    const uint32_t next0 = uint32_t(product1 >> 32) ^ c1 ^ keys.k0[round];
-    const uint32_t next2 = uint32_t(product0 >> 32) ^ c3 ^ keys.k1[round];
-    c1 = uint32_t(product1);
-    c3 = uint32_t(product0);
-    c0 = next0;
-    c2 = next2;
+    const uint64_t product0 = uint64_t(kPhiloxM0) * c[0];
+    const uint64_t product1 = uint64_t(kPhiloxM1) * c[2];
+    const uint32_t next0 = uint32_t(product1 >> 32) ^ c[1] ^ keys.k0[round];
+    const uint32_t next2 = uint32_t(product0 >> 32) ^ c[3] ^ keys.k1[round];
+    c[1] = uint32_t(product1);
+    c[3] = uint32_t(product0);
+    c[0] = next0;
+    c[2] = next2;
   }
-  return c0;
 }
 
-// keep[i] = all ones iff (word0(index0 + i) >> 8) < threshold, else 0.
+// The draw of one element (the scalar definition; the SIMD versions compute whole blocks).
+static inline uint32_t philox_draw(uint64_t index, const PhiloxKeys& keys) {
+  const uint64_t counter = (index >> 6) * 16 + (index & 15);
+  uint32_t c[4] = {uint32_t(counter), uint32_t(counter >> 32), 0u, 0u};
+  philox4x32(c, keys);
+  return c[(index >> 4) & 3];
+}
+
+static inline uint32_t keep_flag(uint64_t index, const PhiloxKeys& keys, uint32_t threshold) {
+  return 0u - uint32_t((philox_draw(index, keys) >> 8) < threshold);
+}
+
+// keep[i] = all ones iff (draw(index0 + i) >> 8) < threshold, else 0. The SIMD versions handle the
+// whole blocks; the elements before the first block boundary and after the last use the scalar code.
 #if defined(__AVX512F__)
-// 16 counters at a time. Compilers widen the scalar version's 32x32->64-bit products to 64x64-bit
-// vpmullq, several times slower than vpmuludq on the even and odd 32-bit lanes, done here.
+// Compilers widen the scalar version's 32x32->64-bit products to 64x64-bit vpmullq, several times
+// slower than vpmuludq on the even and odd 32-bit lanes, done here.
 static inline void mulhilo16(__m512i value, __m512i multiplier, __m512i& high, __m512i& low) {
   const __m512i even = _mm512_mul_epu32(value, multiplier);
   const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(value, 32), multiplier);
@@ -151,13 +166,12 @@ static inline void philox_keep(uint32_t* keep, uint64_t index0, int64_t count, c
   const __m512i m0 = _mm512_set1_epi32(int(kPhiloxM0)), m1 = _mm512_set1_epi32(int(kPhiloxM1));
   const __m512i limit = _mm512_set1_epi32(int(threshold)), ones = _mm512_set1_epi32(-1);
   int64_t i = 0;
-  for (; i + 16 <= count; i += 16) {
-    const uint64_t first = index0 + uint64_t(i);
-    const __m512i first_low = _mm512_set1_epi32(int(uint32_t(first)));
-    __m512i c0 = _mm512_add_epi32(first_low, lanes);
-    const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, first_low);  // low word wrapped past 2^32
-    __m512i c1 = _mm512_mask_add_epi32(_mm512_set1_epi32(int(uint32_t(first >> 32))), carry,
-                                       _mm512_set1_epi32(int(uint32_t(first >> 32))), _mm512_set1_epi32(1));
+  for (; i < count && ((index0 + uint64_t(i)) & (kPhiloxBlock - 1)); ++i) keep[i] = keep_flag(index0 + i, keys, threshold);
+  for (; i + kPhiloxBlock <= count; i += kPhiloxBlock) {
+    // counters 16b .. 16b+15: the low word is a multiple of 16 plus a lane, so it never wraps
+    const uint64_t first = ((index0 + uint64_t(i)) >> 6) * 16;
+    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(int(uint32_t(first))), lanes);
+    __m512i c1 = _mm512_set1_epi32(int(uint32_t(first >> 32)));
     __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
     for (int round = 0; round < kPhiloxRounds; ++round) {
       __m512i high0, low0, high1, low1;
@@ -170,13 +184,16 @@ static inline void philox_keep(uint32_t* keep, uint64_t index0, int64_t count, c
       c0 = next0;
       c2 = next2;
     }
-    const __mmask16 kept = _mm512_cmplt_epu32_mask(_mm512_srli_epi32(c0, 8), limit);
-    _mm512_storeu_si512(keep + i, _mm512_maskz_mov_epi32(kept, ones));
+    const __m512i words[4] = {c0, c1, c2, c3};
+    for (int word = 0; word < 4; ++word) {
+      const __mmask16 kept = _mm512_cmplt_epu32_mask(_mm512_srli_epi32(words[word], 8), limit);
+      _mm512_storeu_si512(keep + i + 16 * word, _mm512_maskz_mov_epi32(kept, ones));
+    }
   }
-  for (; i < count; ++i) keep[i] = 0u - uint32_t((philox_word0(index0 + uint64_t(i), keys) >> 8) < threshold);
+  for (; i < count; ++i) keep[i] = keep_flag(index0 + i, keys, threshold);
 }
 #elif defined(__AVX2__)
-// 8 counters at a time, with the same even/odd-lane vpmuludq products as the AVX-512 version.
+// 8 counters at a time (half a block), with the same even/odd-lane vpmuludq products as AVX-512.
 static inline void mulhilo8(__m256i value, __m256i multiplier, __m256i& high, __m256i& low) {
   const __m256i even = _mm256_mul_epu32(value, multiplier);
   const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(value, 32), multiplier);
@@ -196,33 +213,49 @@ static inline void philox_keep(uint32_t* keep, uint64_t index0, int64_t count, c
   const __m256i m0 = _mm256_set1_epi32(int(kPhiloxM0)), m1 = _mm256_set1_epi32(int(kPhiloxM1));
   const __m256i limit = _mm256_set1_epi32(int(threshold));
   int64_t i = 0;
-  for (; i + 8 <= count; i += 8) {
-    const uint64_t first = index0 + uint64_t(i);
-    const __m256i first_low = _mm256_set1_epi32(int(uint32_t(first)));
-    __m256i c0 = _mm256_add_epi32(first_low, lanes);
-    // a wrapped low word carries into the high word: subtracting the all-ones compare mask adds 1
-    __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32(int(uint32_t(first >> 32))), less_unsigned8(c0, first_low));
-    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
-    for (int round = 0; round < kPhiloxRounds; ++round) {
-      __m256i high0, low0, high1, low1;
-      mulhilo8(c0, m0, high0, low0);
-      mulhilo8(c2, m1, high1, low1);
-      const __m256i next0 = _mm256_xor_si256(_mm256_xor_si256(high1, c1), _mm256_set1_epi32(int(keys.k0[round])));
-      const __m256i next2 = _mm256_xor_si256(_mm256_xor_si256(high0, c3), _mm256_set1_epi32(int(keys.k1[round])));
-      c1 = low1;
-      c3 = low0;
-      c0 = next0;
-      c2 = next2;
+  for (; i < count && ((index0 + uint64_t(i)) & (kPhiloxBlock - 1)); ++i) keep[i] = keep_flag(index0 + i, keys, threshold);
+  for (; i + kPhiloxBlock <= count; i += kPhiloxBlock) {
+    const uint64_t block_first = ((index0 + uint64_t(i)) >> 6) * 16;
+    for (int half = 0; half < 2; ++half) {
+      const uint64_t first = block_first + uint64_t(8 * half);  // low word never wraps (see AVX-512)
+      __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(first))), lanes);
+      __m256i c1 = _mm256_set1_epi32(int(uint32_t(first >> 32)));
+      __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+      for (int round = 0; round < kPhiloxRounds; ++round) {
+        __m256i high0, low0, high1, low1;
+        mulhilo8(c0, m0, high0, low0);
+        mulhilo8(c2, m1, high1, low1);
+        const __m256i next0 = _mm256_xor_si256(_mm256_xor_si256(high1, c1), _mm256_set1_epi32(int(keys.k0[round])));
+        const __m256i next2 = _mm256_xor_si256(_mm256_xor_si256(high0, c3), _mm256_set1_epi32(int(keys.k1[round])));
+        c1 = low1;
+        c3 = low0;
+        c0 = next0;
+        c2 = next2;
+      }
+      const __m256i words[4] = {c0, c1, c2, c3};
+      for (int word = 0; word < 4; ++word)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(keep + i + 16 * word + 8 * half),
+                            less_unsigned8(_mm256_srli_epi32(words[word], 8), limit));
     }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keep + i), less_unsigned8(_mm256_srli_epi32(c0, 8), limit));
   }
-  for (; i < count; ++i) keep[i] = 0u - uint32_t((philox_word0(index0 + uint64_t(i), keys) >> 8) < threshold);
+  for (; i < count; ++i) keep[i] = keep_flag(index0 + i, keys, threshold);
 }
 #else
+// Whole blocks: one Philox evaluation per counter serves its four elements.
 static inline void philox_keep(uint32_t* keep, uint64_t index0, int64_t count, const PhiloxKeys& keys,
                                uint32_t threshold) {
-  for (int64_t i = 0; i < count; ++i)
-    keep[i] = 0u - uint32_t((philox_word0(index0 + uint64_t(i), keys) >> 8) < threshold);
+  int64_t i = 0;
+  for (; i < count && ((index0 + uint64_t(i)) & (kPhiloxBlock - 1)); ++i) keep[i] = keep_flag(index0 + i, keys, threshold);
+  for (; i + kPhiloxBlock <= count; i += kPhiloxBlock) {
+    const uint64_t first = ((index0 + uint64_t(i)) >> 6) * 16;
+    for (int lane = 0; lane < 16; ++lane) {
+      const uint64_t counter = first + uint64_t(lane);
+      uint32_t words[4] = {uint32_t(counter), uint32_t(counter >> 32), 0u, 0u};
+      philox4x32(words, keys);
+      for (int word = 0; word < 4; ++word) keep[i + 16 * word + lane] = 0u - uint32_t((words[word] >> 8) < threshold);
+    }
+  }
+  for (; i < count; ++i) keep[i] = keep_flag(index0 + i, keys, threshold);
 }
 #endif
 

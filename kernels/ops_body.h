@@ -219,13 +219,36 @@ constexpr int64_t kBins = 1 << 16;
 // Per-thread private bins are 32-bit: a call is split into slices small enough that no bin overflows.
 constexpr int64_t kHistogramSlice = int64_t(1) << 31;
 
+// Keeps the low 16 bits of the keys whose high 16 bits equal `bucket`, without branches (a branch
+// on the bucket mispredicts on every other element); returns how many were kept.
+inline int64_t select_bucket(uint32_t* __restrict selected, const float* __restrict delta, int64_t count,
+                             uint32_t bucket) {
+  int64_t kept = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const uint32_t key = bits_from_float(delta[i]);
+    selected[kept] = key & 0xFFFFu;
+    kept += int64_t((key >> 16) == bucket);
+  }
+  return kept;
+}
+
+inline void add_bins(int64_t* histogram, const std::vector<uint32_t>& bins) {
+  // Integer counts: the order in which threads add them does not matter.
+#pragma omp critical(dtm_histogram_merge)
+  for (int64_t bin = 0; bin < kBins; ++bin) histogram[bin] += bins[size_t(bin)];
+}
+
+// bucket < 0: `histogram` counts the high 16 bits of every key; bucket >= 0: the low 16 bits of the
+// keys in that bucket. With `low_histogram`, the same pass also counts the low 16 bits of the keys in
+// `low_bucket` (the first radix-select pass, with the bucket predicted from a sample).
 void histogram_slice(const void* base, const void* model, int dtype, int64_t begin, int64_t end,
-                     int64_t* histogram, int32_t bucket) {
+                     int64_t* histogram, int32_t bucket, int64_t* low_histogram, int32_t low_bucket) {
   const int64_t first_tile = begin / kTile, tiles = tile_count(end) - first_tile;
 #pragma omp parallel if (tiles >= kMinParallelTiles)
   {
-    std::vector<uint32_t> bins(kBins, 0u);
+    std::vector<uint32_t> bins(kBins, 0u), low_bins(low_histogram != nullptr ? kBins : 0, 0u);
     float delta[kTile], scratch[kTile];
+    uint32_t selected[kTile];
 #pragma omp for schedule(static)
     for (int64_t tile = first_tile; tile < first_tile + tiles; ++tile) {
       const int64_t offset = tile * kTile, count = end - offset < kTile ? end - offset : kTile;
@@ -233,25 +256,26 @@ void histogram_slice(const void* base, const void* model, int dtype, int64_t beg
       if (bucket < 0) {
         for (int64_t i = 0; i < count; ++i) ++bins[bits_from_float(delta[i]) >> 16];
       } else {
-        const uint32_t wanted = uint32_t(bucket);
-        for (int64_t i = 0; i < count; ++i) {
-          const uint32_t key = bits_from_float(delta[i]);
-          if ((key >> 16) == wanted) ++bins[key & 0xFFFFu];
-        }
+        const int64_t kept = select_bucket(selected, delta, count, uint32_t(bucket));
+        for (int64_t i = 0; i < kept; ++i) ++bins[selected[i]];
+      }
+      if (low_histogram != nullptr) {
+        const int64_t kept = select_bucket(selected, delta, count, uint32_t(low_bucket));
+        for (int64_t i = 0; i < kept; ++i) ++low_bins[selected[i]];
       }
     }
-    // Integer counts: the order in which threads add them does not matter.
-#pragma omp critical(dtm_histogram_merge)
-    for (int64_t bin = 0; bin < kBins; ++bin) histogram[bin] += bins[size_t(bin)];
+    add_bins(histogram, bins);
+    if (low_histogram != nullptr) add_bins(low_histogram, low_bins);
   }
 }
 
 int abs_delta_histogram(const void* base, const void* model, int dtype, int64_t n, int64_t* histogram,
-                        int32_t bucket) {
+                        int32_t bucket, int64_t* low_histogram, int32_t low_bucket) {
   if (!valid_dtype(dtype) || n < 0 || bucket >= kBins) return DTM_EBADARG;
+  if (low_histogram != nullptr && (bucket >= 0 || low_bucket < 0 || low_bucket >= kBins)) return DTM_EBADARG;
   for (int64_t begin = 0; begin < n; begin += kHistogramSlice)
     histogram_slice(base, model, dtype, begin, n - begin < kHistogramSlice ? n : begin + kHistogramSlice,
-                    histogram, bucket);
+                    histogram, bucket, low_histogram, low_bucket);
   return 0;
 }
 

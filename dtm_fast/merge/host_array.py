@@ -41,6 +41,14 @@ class HostArray:
         self.raw = raw
         self.dtype = dtype
 
+    def __getitem__(self, index: slice) -> "HostArray":
+        """Elements start:stop (step 1), sharing the bytes."""
+        start, stop, step = index.indices(self.numel())
+        if step != 1:
+            raise ValueError("HostArray slices take step 1")
+        size = DTYPE_SIZES[self.dtype]
+        return HostArray(self.raw[start * size: max(start, stop) * size], self.dtype)
+
     def numel(self) -> int:
         return self.raw.nbytes // DTYPE_SIZES[self.dtype]
 

@@ -52,6 +52,38 @@ def _from_top(histogram: np.ndarray, rank: int) -> tuple[int, int]:
     return BINS - 1 - position, above
 
 
+SAMPLE_SLICES = 64
+SAMPLE_SLICE_ELEMENTS = 2048
+
+
+def _gather(array, starts: list[int], length: int):
+    """The slices array[start:start + length] side by side in a new array (HostArray or torch)."""
+    from dtm_fast.merge.host_array import HostArray
+
+    if isinstance(array, HostArray):
+        return HostArray(np.concatenate([array[start:start + length].raw for start in starts]), array.dtype)
+    import torch
+
+    return torch.cat([array[start:start + length] for start in starts])
+
+
+def predict_bucket(backend, base, model, rank: int, numel: int) -> int | None:
+    """A guess of the bucket (high 16 bits) of the rank-th largest |model - base| key of a tensor of
+    `numel` elements, from 64 evenly spaced slices of 2048 elements of this chunk of it. The first
+    radix-select pass then counts that bucket's low bits too, and a right guess saves the second
+    pass; a wrong one costs nothing but the sample. None for chunks too small to be worth it."""
+    count = base.numel()
+    sampled = SAMPLE_SLICES * SAMPLE_SLICE_ELEMENTS
+    if count < 4 * sampled:
+        return None
+    starts = [index * (count // SAMPLE_SLICES) for index in range(SAMPLE_SLICES)]
+    sample = new_histogram()
+    backend.abs_delta_histogram(_gather(base, starts, SAMPLE_SLICE_ELEMENTS),
+                                _gather(model, starts, SAMPLE_SLICE_ELEMENTS), sample, None)
+    bucket, _ = _from_top(sample, min(sampled, max(1, round(rank * sampled / numel))))
+    return bucket
+
+
 @dataclass
 class RadixSearch:
     """Finds the key at one descending rank (1-based) over streamed histograms."""

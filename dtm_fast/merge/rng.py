@@ -1,11 +1,14 @@
 """The counter-based generator behind DARE's random masks: Philox4x32-10 (Salmon et al., SC'11).
 
 A mask element depends only on (seed, tensor name, model index) -> the 64-bit key, and the element's
-flat index -> the counter. So the mask is the same whatever the chunking, thread count or backend:
-the C++ and Triton kernels implement the same function and are tested against this one.
+flat index -> its counter and word. So the mask is the same whatever the chunking, thread count or
+backend: the C++ and Triton kernels implement the same function and are tested against this one.
 
-Element i of model m in tensor `name` is kept iff (philox(counter=(i_lo, i_hi, 0, 0), key)[0] >> 8) <
-keep_threshold(density): a 24-bit integer comparison, so no backend's float rounding can flip it.
+All four output words of every counter are used: elements come in blocks of 64, and element
+i = 64 b + 16 w + j draws word w of counter 16 b + j (a block is 16 counters, one SIMD register of
+them on AVX-512, and needs no shuffling there). Element i of model m in tensor `name` is kept iff
+(draw(i) >> 8) < keep_threshold(density): a 24-bit integer comparison, so no backend's float
+rounding can flip it.
 """
 
 from __future__ import annotations
@@ -62,11 +65,18 @@ def philox4x32(counter: "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
     return c0, c1, c2, c3
 
 
+def philox_counter_and_word(index: "torch.Tensor") -> "tuple[torch.Tensor, torch.Tensor]":
+    """(counter, word) that element `index` (int64) draws from: blocks of 64 elements per 16 counters."""
+    return (index >> 6) * 16 + (index & 15), (index >> 4) & 3
+
+
 def keep_mask(key: tuple[int, int], start: int, count: int, threshold: int) -> "torch.Tensor":
     """Boolean keep-mask for elements start .. start+count-1 of one (tensor, model)."""
     import torch
 
     index = torch.arange(start, start + count, dtype=torch.int64)
-    zeros = torch.zeros_like(index)
-    word0 = philox4x32((index & MASK32, index >> 32, zeros, zeros), key)[0]
-    return (word0 >> 8) < threshold
+    counter, word = philox_counter_and_word(index)
+    zeros = torch.zeros_like(counter)
+    words = torch.stack(philox4x32((counter & MASK32, counter >> 32, zeros, zeros), key))  # (4, count)
+    draw = words.gather(0, word.unsqueeze(0)).squeeze(0)
+    return (draw >> 8) < threshold

@@ -122,8 +122,24 @@ def test_dare_mask_bit_identical(backend, start, density):
         assert torch.equal(backend.keep_mask(key, start, count, threshold), expected)
 
 
-def test_dare_mask_known_value(backend):
-    """Philox4x32-10 known-answer vector (Random123 kat_vectors: counter 0, key 0) -> word0 0x6627e8d5."""
-    # keep iff (word0 >> 8) < threshold: 0x6627e8d5 >> 8 = 0x6627e8, so the threshold decides exactly.
-    assert bool(backend.keep_mask((0, 0), 0, 1, 0x6627E8 + 1)[0])
-    assert not bool(backend.keep_mask((0, 0), 0, 1, 0x6627E8)[0])
+# Philox4x32-10 known-answer vector (Random123 kat_vectors: counter 0, key 0): its four output words,
+# which elements 0, 16, 32 and 48 draw (element 64b + 16w + j takes word w of counter 16b + j).
+KAT_WORDS = (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
+
+
+@pytest.mark.parametrize("word", range(4))
+def test_dare_mask_known_values(backend, word):
+    # keep iff (draw >> 8) < threshold, so thresholds just above and at draw >> 8 decide exactly
+    draw = KAT_WORDS[word] >> 8
+    element = 16 * word
+    # alone (the scalar path), and inside a run of whole 64-element blocks (the SIMD path)
+    for start, count in ((element, 1), (0, 200)):
+        assert bool(backend.keep_mask((0, 0), start, count, draw + 1)[element - start])
+        assert not bool(backend.keep_mask((0, 0), start, count, draw)[element - start])
+
+
+def test_reference_philox_words_are_the_known_answer():
+    import torch
+
+    zero = torch.zeros(1, dtype=torch.int64)
+    assert [int(w) for w in rng.philox4x32((zero, zero, zero, zero), (0, 0))] == list(KAT_WORDS)

@@ -26,7 +26,7 @@ from dtm_fast.merge.specs import GtaSpec, Sparsify
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 2  # must equal DTM_KERNELS_ABI_VERSION in kernels/dtm_kernels.h
+ABI_VERSION = 3  # must equal DTM_KERNELS_ABI_VERSION in kernels/dtm_kernels.h
 LIBRARY_NAME = "libdtm_kernels.so"
 ENV_PATH = "DTM_FAST_KERNELS"
 
@@ -74,7 +74,7 @@ def _declare(library: ctypes.CDLL) -> None:
         "dtm_kernels_set_isa": [i32],
         "dtm_linear": [p, i32, pp, i32, i64, pf, i64],
         "dtm_gta": [p, i32, p, pp, i32, i64, pf, rule, i32, i32, f32, f32, i64, i64],
-        "dtm_abs_delta_histogram": [p, p, i32, i64, p, ctypes.c_int32],
+        "dtm_abs_delta_histogram": [p, p, i32, i64, p, ctypes.c_int32, p, ctypes.c_int32],
         "dtm_masked_l1": [p, p, i32, i64, rule, i64, ctypes.POINTER(ctypes.c_double)],
         "dtm_delta_gram": [p, pp, i32, i64, i64, p],
         "dtm_model_stock_combine": [p, i32, p, pp, i32, i64, f32, f32, i64],
@@ -287,14 +287,18 @@ class CpuBackend:
                                  int(spec.normalize), divisor, spec.lambda_, start, count), "gta")
         target.finish()
 
-    def abs_delta_histogram(self, base, model, histogram, bucket) -> None:
+    def abs_delta_histogram(self, base, model, histogram, bucket, low_histogram=None, low_bucket=None) -> None:
         address = _histogram_address(histogram)
-        if address is None or not _KernelArrays.supported([base, model]):
-            return self._reference.abs_delta_histogram(_torch(base), _torch(model), histogram, bucket)
+        low_address = None if low_histogram is None else _histogram_address(low_histogram)
+        if (address is None or (low_histogram is not None and low_address is None)
+                or not _KernelArrays.supported([base, model])):
+            return self._reference.abs_delta_histogram(_torch(base), _torch(model), histogram, bucket, low_histogram,
+                                                       low_bucket)
         inputs = _KernelArrays([base, model])
         count = inputs.count(None, "abs_delta_histogram")
         _check(self._lib.dtm_abs_delta_histogram(inputs.addresses[0], inputs.addresses[1], inputs.code, count,
-                                                 address, -1 if bucket is None else int(bucket)),
+                                                 address, -1 if bucket is None else int(bucket), low_address,
+                                                 -1 if low_bucket is None else int(low_bucket)),
                "abs_delta_histogram")
 
     def masked_l1(self, base, model, rule: Sparsify, start: int) -> tuple[float, float]:

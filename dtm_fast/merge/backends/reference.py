@@ -78,16 +78,22 @@ class ReferenceBackend:
         out.copy_(base32 + mixed * spec.lambda_)
 
     def abs_delta_histogram(self, base: torch.Tensor, model: torch.Tensor, histogram: torch.Tensor,
-                            bucket: int | None) -> None:
+                            bucket: int | None, low_histogram: torch.Tensor | None = None,
+                            low_bucket: int | None = None) -> None:
         """Adds to `histogram` (int64[65536]) the high 16 bits of every |x - b| key, or, with
-        `bucket`, the low 16 bits of the keys whose high bits equal it."""
+        `bucket`, the low 16 bits of the keys whose high bits equal it. With `low_histogram` (and no
+        `bucket`), also adds to it the low 16 bits of the keys whose high bits equal `low_bucket`:
+        both radix-select passes at once when the bucket was predicted right."""
         keys = magnitude_keys(model.float() - base.float())
-        histogram = torch.as_tensor(histogram)  # numpy histograms are updated in place too
-        if bucket is None:
-            histogram += torch.bincount(keys >> 16, minlength=BINS)
-        else:
-            selected = keys[(keys >> 16) == bucket]
-            histogram += torch.bincount(selected & 0xFFFF, minlength=BINS)
+        for target, selected_bucket in ((histogram, bucket), (low_histogram, low_bucket)):
+            if target is None:
+                continue
+            target = torch.as_tensor(target)  # numpy histograms are updated in place too
+            if selected_bucket is None:
+                target += torch.bincount(keys >> 16, minlength=BINS)
+            else:
+                selected = keys[(keys >> 16) == selected_bucket]
+                target += torch.bincount(selected & 0xFFFF, minlength=BINS)
 
     def masked_l1(self, base: torch.Tensor, model: torch.Tensor, rule: Sparsify, start: int) -> tuple[float, float]:
         """(sum |d|, sum of |d| over kept elements) for mergekit's L1 rescale."""

@@ -79,10 +79,14 @@ def abs_delta_key(model, base, delta):
 
 @triton.jit
 def philox_keep(index, key_low, key_high, threshold):
-    """DARE's keep decision for flat element indices (int64): Philox4x32-10 with counter
-    (index low 32 bits, index high 32 bits, 0, 0); kept iff (word 0 >> 8) < threshold (merge/rng.py)."""
-    c0 = index.to(tl.uint32)
-    c1 = (index >> 32).to(tl.uint32)
+    """DARE's keep decision for flat element indices (int64), as merge/rng.py: element
+    64 b + 16 w + j draws word w of Philox4x32-10 with counter (16 b + j, 0, 0) (64-bit counter in
+    the first two words); kept iff (draw >> 8) < threshold. Each element computes its counter's
+    four words and selects one (the GPU has compute to spare for that)."""
+    counter = (index >> 6) * 16 + (index & 15)
+    word = (index >> 4) & 3
+    c0 = counter.to(tl.uint32)
+    c1 = (counter >> 32).to(tl.uint32)
     c2 = c0 * 0
     c3 = c0 * 0
     k0 = key_low.to(tl.uint32)
@@ -95,7 +99,8 @@ def philox_keep(index, key_low, key_high, threshold):
         c0, c1, c2, c3 = high1 ^ c1 ^ k0, low1, high0 ^ c3 ^ k1, low0
         k0 = k0 + PHILOX_W0
         k1 = k1 + PHILOX_W1
-    return (c0 >> 8) < threshold.to(tl.uint32)
+    draw = tl.where(word == 0, c0, tl.where(word == 1, c1, tl.where(word == 2, c2, c3)))
+    return (draw >> 8) < threshold.to(tl.uint32)
 
 
 @triton.jit

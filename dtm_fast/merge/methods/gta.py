@@ -19,7 +19,8 @@ from typing import ClassVar, Sequence
 from dtm_fast.errors import DtmError
 from dtm_fast.merge import rng
 from dtm_fast.merge.magnitude import (
-    RadixSearch, breadcrumbs_ranks, kth_largest_key_in_memory, magnitude_keys, new_histogram, top_k_count,
+    RadixSearch, breadcrumbs_ranks, kth_largest_key_in_memory, magnitude_keys, new_histogram, predict_bucket,
+    top_k_count,
 )
 from dtm_fast.merge.methods.base import (
     MergeMethod, Param, TensorContext, TensorParams, in_open_closed_unit, in_unit,
@@ -177,18 +178,35 @@ class GeneralizedTaskArithmetic(MergeMethod):
             return [None] * len(stream.models)
         backend = stream.backend
         high = [new_histogram() for _ in searches]
+        guesses: list[tuple[int, object] | None] = [None] * len(searches)  # (bucket, its low histogram)
         for chunk in stream.chunks():
             for index, model in enumerate(chunk.models):
-                if searches[index]:
+                if not searches[index]:
+                    continue
+                if chunk.start == 0:
+                    bucket = predict_bucket(backend, chunk.base, model, searches[index][0].rank, numel)
+                    guesses[index] = None if bucket is None else (bucket, new_histogram())
+                guess = guesses[index]
+                if guess is None:
                     backend.abs_delta_histogram(chunk.base, model, high[index], None)
+                else:
+                    backend.abs_delta_histogram(chunk.base, model, high[index], None, guess[1], guess[0])
         buckets = {}
         for index, model_searches in enumerate(searches):
             for search in model_searches:
                 search.locate_bucket(high[index])
-                buckets.setdefault((index, search.bucket), new_histogram())
-        for chunk in stream.chunks():
-            for (index, bucket), histogram in buckets.items():
-                backend.abs_delta_histogram(chunk.base, chunk.models[index], histogram, bucket)
+                guess = guesses[index]
+                if guess is not None and guess[0] == search.bucket:
+                    buckets[(index, search.bucket)] = guess[1]  # counted by the first pass
+                else:
+                    buckets.setdefault((index, search.bucket), None)
+        missing = [key for key, histogram in buckets.items() if histogram is None]
+        if missing:
+            for key in missing:
+                buckets[key] = new_histogram()
+            for chunk in stream.chunks():
+                for index, bucket in missing:
+                    backend.abs_delta_histogram(chunk.base, chunk.models[index], buckets[(index, bucket)], bucket)
         result: list[tuple[int, int] | None] = []
         for index, model_searches in enumerate(searches):
             if not model_searches:
