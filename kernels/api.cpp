@@ -84,8 +84,15 @@ int dtm_gta(void* out, int out_dtype, const void* base, const void* const* model
 }
 
 int dtm_abs_delta_histogram(const void* base, const void* model, int dtype, int64_t n, int64_t* histogram,
-                            int32_t bucket, int64_t* low_histogram, int32_t low_bucket) {
-  return ops().abs_delta_histogram(base, model, dtype, n, histogram, bucket, low_histogram, low_bucket);
+                            int32_t bucket) {
+  return ops().abs_delta_histogram(base, model, dtype, n, histogram, bucket);
+}
+
+int dtm_abs_delta_select(const void* base, const void* const* models, int dtype, int64_t num_searches, int64_t n,
+                         const int32_t* key_low, const int32_t* key_high, int64_t* above,
+                         uint32_t* const* collected, const int64_t* capacity, int64_t* in_range) {
+  return ops().abs_delta_select(base, models, dtype, num_searches, n, key_low, key_high, above, collected, capacity,
+                                in_range);
 }
 
 int dtm_masked_l1(const void* base, const void* model, int dtype, int64_t n, const dtm_sparsify* rule,

@@ -71,10 +71,16 @@ int dtm_gta(void* out, int out_dtype, const void* base, const void* const* model
             int normalize, float divisor, float lambda, int64_t start, int64_t n);
 
 // Adds to histogram[65536] the high 16 bits of every |x - b| key (bucket < 0), or the low 16 bits of
-// the keys whose high 16 bits equal `bucket`. With low_histogram (not NULL; bucket < 0 then), the same
-// pass adds to it the low 16 bits of the keys whose high 16 bits equal low_bucket.
+// the keys whose high 16 bits equal `bucket`.
 int dtm_abs_delta_histogram(const void* base, const void* model, int dtype, int64_t n, int64_t* histogram,
-                            int32_t bucket, int64_t* low_histogram, int32_t low_bucket);
+                            int32_t bucket);
+
+// For each search s over model models[s] (searches of one model next to each other): adds to above[s]
+// the number of |x - b| keys above key_high[s], copies the keys in [key_low[s], key_high[s]] (any
+// order) to collected[s], at most capacity[s] of them, and sets in_range[s] to how many there were.
+int dtm_abs_delta_select(const void* base, const void* const* models, int dtype, int64_t num_searches, int64_t n,
+                         const int32_t* key_low, const int32_t* key_high, int64_t* above,
+                         uint32_t* const* collected, const int64_t* capacity, int64_t* in_range);
 
 // result[0] = sum |x - b|, result[1] = the same sum over kept elements.
 int dtm_masked_l1(const void* base, const void* model, int dtype, int64_t n, const dtm_sparsify* rule,

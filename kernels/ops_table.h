@@ -9,7 +9,9 @@ struct OpTable {
   int (*linear)(void*, int, const void* const*, int, int64_t, const float*, int64_t);
   int (*gta)(void*, int, const void*, const void* const*, int, int64_t, const float*, const dtm_sparsify*, int, int,
              float, float, int64_t, int64_t);
-  int (*abs_delta_histogram)(const void*, const void*, int, int64_t, int64_t*, int32_t, int64_t*, int32_t);
+  int (*abs_delta_histogram)(const void*, const void*, int, int64_t, int64_t*, int32_t);
+  int (*abs_delta_select)(const void*, const void* const*, int, int64_t, int64_t, const int32_t*, const int32_t*,
+                          int64_t*, uint32_t* const*, const int64_t*, int64_t*);
   int (*masked_l1)(const void*, const void*, int, int64_t, const dtm_sparsify*, int64_t, double*);
   int (*delta_gram)(const void*, const void* const*, int, int64_t, int64_t, double*);
   int (*model_stock_combine)(void*, int, const void*, const void* const*, int, int64_t, float, float, int64_t);

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -113,6 +114,7 @@ def chunk_elements_for(config: MergeConfig, inputs: Inputs, plan: OutputPlan, ba
     input_sizes = [itemsize] * (int(reads_base) + len(inputs.models) + len(inputs.fishers))
     out_size = max(DTYPE_SIZES[t.out_dtype] for s in plan.shards for t in s.tensors)
     per_element = 2 * (sum(input_sizes) + out_size) + backend.workspace_bytes_per_element(len(input_sizes))
+    per_element += math.ceil(config.method_impl.statistics_bytes_per_element(len(inputs.models)))
     available = config.max_memory - FIXED_OVERHEAD_BYTES
     chunk = available // per_element // MIN_CHUNK_ELEMENTS * MIN_CHUNK_ELEMENTS if available > 0 else 0
     method = config.method_impl

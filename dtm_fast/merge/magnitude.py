@@ -14,10 +14,14 @@ magnitudes by argsort order, which depends on the sort implementation; ours depe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from dtm_fast.io.safetensors_format import DTYPE_SIZES
+from dtm_fast.merge.specs import NO_UPPER_KEY
 
 if TYPE_CHECKING:
     import torch
@@ -54,34 +58,110 @@ def _from_top(histogram: np.ndarray, rank: int) -> tuple[int, int]:
 
 SAMPLE_SLICES = 64
 SAMPLE_SLICE_ELEMENTS = 2048
+SAMPLE_ELEMENTS = SAMPLE_SLICES * SAMPLE_SLICE_ELEMENTS
+BRACKET_SIGMAS = 4  # how wide the sampled bracket is, in standard deviations of the sample's rank
+COLLECT_FRACTION = 8  # a search collects at most chunk_elements / 8 keys (budgeted by the engine)
 
 
-def _gather(array, starts: list[int], length: int):
-    """The slices array[start:start + length] side by side in a new array (HostArray or torch)."""
+def _strided_sample(array, step: int):
+    """SAMPLE_SLICES slices of SAMPLE_SLICE_ELEMENTS elements, `step` elements apart, side by side
+    in a new array (HostArray or torch tensor)."""
     from dtm_fast.merge.host_array import HostArray
 
     if isinstance(array, HostArray):
-        return HostArray(np.concatenate([array[start:start + length].raw for start in starts]), array.dtype)
-    import torch
+        size = DTYPE_SIZES[array.dtype]
+        rows = np.lib.stride_tricks.as_strided(array.raw, shape=(SAMPLE_SLICES, SAMPLE_SLICE_ELEMENTS * size),
+                                               strides=(step * size, 1), writeable=False)
+        return HostArray(rows.reshape(-1), array.dtype)  # reshape copies the strided rows
+    return array.as_strided((SAMPLE_SLICES, SAMPLE_SLICE_ELEMENTS), (step, 1)).reshape(-1)
 
-    return torch.cat([array[start:start + length] for start in starts])
 
-
-def predict_bucket(backend, base, model, rank: int, numel: int) -> int | None:
-    """A guess of the bucket (high 16 bits) of the rank-th largest |model - base| key of a tensor of
-    `numel` elements, from 64 evenly spaced slices of 2048 elements of this chunk of it. The first
-    radix-select pass then counts that bucket's low bits too, and a right guess saves the second
-    pass; a wrong one costs nothing but the sample. None for chunks too small to be worth it."""
+def sample_keys(backend, base, models) -> list[np.ndarray] | None:
+    """The |model - base| keys of 64 evenly spaced slices of 2048 elements of a chunk (uint32), one
+    array per model, or None for a chunk too small for a sample to save anything."""
     count = base.numel()
-    sampled = SAMPLE_SLICES * SAMPLE_SLICE_ELEMENTS
-    if count < 4 * sampled:
+    if count < 4 * SAMPLE_ELEMENTS:
         return None
-    starts = [index * (count // SAMPLE_SLICES) for index in range(SAMPLE_SLICES)]
-    sample = new_histogram()
-    backend.abs_delta_histogram(_gather(base, starts, SAMPLE_SLICE_ELEMENTS),
-                                _gather(model, starts, SAMPLE_SLICE_ELEMENTS), sample, None)
-    bucket, _ = _from_top(sample, min(sampled, max(1, round(rank * sampled / numel))))
-    return bucket
+    step = count // SAMPLE_SLICES
+    keys = [np.empty(SAMPLE_ELEMENTS, dtype=np.uint32) for _ in models]
+    backend.abs_delta_select(_strided_sample(base, step), [_strided_sample(model, step) for model in models],
+                             [(0, NO_UPPER_KEY)] * len(models), keys)
+    return keys
+
+
+def bracket(sample: np.ndarray, rank: int, numel: int) -> tuple[int, int]:
+    """Keys (low, high) that the rank-th largest key of `numel` very probably lies between, from the
+    sample's keys around the same quantile, BRACKET_SIGMAS binomial standard deviations either side."""
+    size = len(sample)
+    quantile = rank / numel
+    position = quantile * size
+    margin = BRACKET_SIGMAS * math.sqrt(size * quantile * (1 - quantile)) + 8
+    top, bottom = math.floor(position - margin), math.ceil(position + margin)  # descending ranks in the sample
+    # a sort, not np.partition: keys of bf16 deltas repeat a lot, which makes introselect ~10x slower
+    ordered = np.sort(sample)
+    high = int(ordered[size - top]) if top >= 1 else NO_UPPER_KEY
+    low = int(ordered[size - bottom]) if bottom <= size else 0
+    return low, high
+
+
+@dataclass
+class BracketedSearch:
+    """One pass of an exact k-th largest search: keys above the bracket are counted, keys inside it
+    collected; the answer is then selected among the collected keys."""
+
+    model: int
+    rank: int
+    low: int
+    high: int
+    collected: np.ndarray  # uint32, capacity
+    above: int = 0
+    in_range: int = 0
+
+    def free(self) -> np.ndarray:
+        """Where the next collected keys go (empty once full)."""
+        return self.collected[min(self.in_range, len(self.collected)):]
+
+    def key(self) -> int | None:
+        """The exact key, or None when the bracket missed the rank or overflowed its buffer."""
+        position = self.rank - self.above  # descending rank among the collected keys
+        if self.in_range > len(self.collected) or not 1 <= position <= self.in_range:
+            return None
+        index = self.in_range - position
+        keys = self.collected[:self.in_range]
+        keys.sort()  # in place (the buffer is not needed afterwards); see bracket() on partitions
+        return int(keys[index])
+
+
+def bracketed_select(stream, ranks_per_model: list[list[int]]) -> list[dict[int, int]]:
+    """Exact keys at descending ranks of every model's |x - b|, in one pass over the stream where a
+    sample of its first chunk brackets them: a dict rank -> key per model. Ranks the sample could
+    not bracket (small tensors, a bracket that missed or overflowed) are left out, for the caller's
+    two-pass radix select, so the answer is exact either way."""
+    backend = stream.backend
+    capacity = max(SAMPLE_ELEMENTS, stream.chunk_elements // COLLECT_FRACTION)
+    searches: list[BracketedSearch] = []  # grouped by model, as abs_delta_select wants them
+    for chunk in stream.chunks():
+        if chunk.start == 0:
+            sampled = [index for index, ranks in enumerate(ranks_per_model) if ranks]
+            samples = sample_keys(backend, chunk.base, [chunk.models[index] for index in sampled])
+            for index, sample in zip(sampled, samples or ()):
+                for rank in ranks_per_model[index]:
+                    low, high = bracket(sample, rank, stream.context.numel)
+                    searches.append(BracketedSearch(index, rank, low, high, np.empty(capacity, dtype=np.uint32)))
+            if not searches:
+                break
+        counts = backend.abs_delta_select(chunk.base, [chunk.models[search.model] for search in searches],
+                                          [(search.low, search.high) for search in searches],
+                                          [search.free() for search in searches])
+        for search, (above, in_range) in zip(searches, counts):
+            search.above += above
+            search.in_range += in_range
+    found: list[dict[int, int]] = [{} for _ in ranks_per_model]
+    for search in searches:
+        key = search.key()
+        if key is not None:
+            found[search.model][search.rank] = key
+    return found
 
 
 @dataclass

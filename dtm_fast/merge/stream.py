@@ -44,8 +44,9 @@ class Chunk:
 
 
 class Buffers:
-    """Two slots of per-input byte buffers plus two output buffers, allocated once and touched so
-    their memory is resident (and counted) from the start."""
+    """Two slots of per-input byte buffers plus two output buffers, allocated once. They are not
+    pre-touched: a page is first touched by the reader or writer thread filling it, off the merge's
+    critical path (pre-faulting 0.5 GB took 0.4 s of a 7 s merge)."""
 
     def __init__(self, input_itemsizes: Sequence[int], out_itemsize: int, chunk_elements: int, pinned: bool):
         self.chunk_elements = chunk_elements
@@ -60,7 +61,6 @@ class Buffers:
                 buffer = owner.numpy()
             else:
                 buffer = np.empty(max(nbytes, 1), dtype=np.uint8)
-            buffer.fill(0)
             return buffer
 
         self.inputs = [[allocate(chunk_elements * size) for size in input_itemsizes] for _ in range(2)]

@@ -3,11 +3,13 @@ methods (model stock filter_wise, SLERP) and DARE's Philox mask against the refe
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from dtm_fast.merge import rng
 from dtm_fast.merge.backends.reference import NO_UPPER_KEY, ReferenceBackend, Sparsify
+from dtm_fast.merge.magnitude import magnitude_keys
 
 from .conftest import DTYPES, SIZES, assert_identical, assert_within_ulp, key_quantile, make_inputs
 
@@ -41,6 +43,42 @@ def test_histograms_identical(backend, count, dtype):
         backend.abs_delta_histogram(base, model, actual_low, bucket)
         reference.abs_delta_histogram(base, model, expected_low, bucket)
         assert torch.equal(actual_low, expected_low) and int(expected_low.sum()) == int(expected[bucket]) - 3
+
+
+def same_nan_keys(keys: np.ndarray) -> np.ndarray:
+    """NaN keys as one value: their payload is not specified (see assert_same_histogram)."""
+    return np.where((keys > 0x7F800000) & (keys <= NO_UPPER_KEY), np.uint32(0x7FC00000), keys)
+
+
+@pytest.mark.parametrize("count", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_select_counts_and_collects_like_torch(backend, count, dtype):
+    """Keys above each bracket are counted and keys inside it collected, in any order, for several
+    searches in one call (two of them over the same model); the oracle is plain torch on the same
+    |x - b| keys (NaN/Inf planted, so NaN keys sit above every bracket)."""
+    base, models = make_inputs(count, dtype, 2, seed=count + 3)
+    keys = [magnitude_keys(model.float() - base.float()) for model in models]
+
+    def key_at(model: int, quantile: float) -> int:
+        finite = keys[model][keys[model] < 0x7F800000].double()
+        return int(torch.quantile(finite, quantile)) if finite.numel() else 0
+
+    searches = [(0, key_at(0, 0.3), key_at(0, 0.6)), (0, 0, NO_UPPER_KEY), (1, key_at(1, 0.5), key_at(1, 0.5))]
+    expected = [keys[m][(keys[m] >= low) & (keys[m] <= high)] for m, low, high in searches]
+    for shrink in (False, True):  # room for every key, then for half of them
+        capacities = [selected.numel() // 2 if shrink else selected.numel() + 5 for selected in expected]
+        collected = [np.full(capacity, 0xFFFFFFFF, dtype=np.uint32) for capacity in capacities]
+        results = backend.abs_delta_select(base, [models[m] for m, _, _ in searches],
+                                           [(low, high) for _, low, high in searches], collected)
+        for (m, low, high), selected, buffer, (above, in_range) in zip(searches, expected, collected, results):
+            assert above == int((keys[m] > high).sum()) and in_range == selected.numel()
+            kept = min(len(buffer), selected.numel())
+            assert np.all(buffer[kept:] == 0xFFFFFFFF)  # nothing written past what fits
+            actual, wanted = same_nan_keys(buffer[:kept]), same_nan_keys(selected.numpy().astype(np.uint32))
+            if kept == selected.numel():
+                assert np.array_equal(np.sort(actual), np.sort(wanted))
+            else:  # a subset of the range's keys
+                assert set(actual.tolist()) <= set(wanted.tolist())
 
 
 @pytest.mark.parametrize("count", SIZES)

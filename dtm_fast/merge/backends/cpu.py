@@ -74,7 +74,8 @@ def _declare(library: ctypes.CDLL) -> None:
         "dtm_kernels_set_isa": [i32],
         "dtm_linear": [p, i32, pp, i32, i64, pf, i64],
         "dtm_gta": [p, i32, p, pp, i32, i64, pf, rule, i32, i32, f32, f32, i64, i64],
-        "dtm_abs_delta_histogram": [p, p, i32, i64, p, ctypes.c_int32, p, ctypes.c_int32],
+        "dtm_abs_delta_histogram": [p, p, i32, i64, p, ctypes.c_int32],
+        "dtm_abs_delta_select": [p, pp, i32, i64, i64, p, p, p, pp, p, p],
         "dtm_masked_l1": [p, p, i32, i64, rule, i64, ctypes.POINTER(ctypes.c_double)],
         "dtm_delta_gram": [p, pp, i32, i64, i64, p],
         "dtm_model_stock_combine": [p, i32, p, pp, i32, i64, f32, f32, i64],
@@ -287,19 +288,33 @@ class CpuBackend:
                                  int(spec.normalize), divisor, spec.lambda_, start, count), "gta")
         target.finish()
 
-    def abs_delta_histogram(self, base, model, histogram, bucket, low_histogram=None, low_bucket=None) -> None:
+    def abs_delta_histogram(self, base, model, histogram, bucket) -> None:
         address = _histogram_address(histogram)
-        low_address = None if low_histogram is None else _histogram_address(low_histogram)
-        if (address is None or (low_histogram is not None and low_address is None)
-                or not _KernelArrays.supported([base, model])):
-            return self._reference.abs_delta_histogram(_torch(base), _torch(model), histogram, bucket, low_histogram,
-                                                       low_bucket)
+        if address is None or not _KernelArrays.supported([base, model]):
+            return self._reference.abs_delta_histogram(_torch(base), _torch(model), histogram, bucket)
         inputs = _KernelArrays([base, model])
         count = inputs.count(None, "abs_delta_histogram")
         _check(self._lib.dtm_abs_delta_histogram(inputs.addresses[0], inputs.addresses[1], inputs.code, count,
-                                                 address, -1 if bucket is None else int(bucket), low_address,
-                                                 -1 if low_bucket is None else int(low_bucket)),
+                                                 address, -1 if bucket is None else int(bucket)),
                "abs_delta_histogram")
+
+    def abs_delta_select(self, base, models, ranges, collected) -> list[tuple[int, int]]:
+        """As ReferenceBackend.abs_delta_select, reading every input once for all the searches."""
+        if (not all(c.dtype == np.uint32 and c.flags.c_contiguous for c in collected)
+                or not _KernelArrays.supported([base, *models])):
+            return self._reference.abs_delta_select(_torch(base), [_torch(m) for m in models], ranges, collected)
+        inputs = _KernelArrays([base, *models])
+        count = inputs.count(None, "abs_delta_select")
+        searches = len(models)
+        lows = (ctypes.c_int32 * max(1, searches))(*[low for low, _ in ranges])
+        highs = (ctypes.c_int32 * max(1, searches))(*[high for _, high in ranges])
+        above = (ctypes.c_int64 * max(1, searches))()
+        in_range = (ctypes.c_int64 * max(1, searches))()
+        buffers = (ctypes.c_void_p * max(1, searches))(*[c.ctypes.data for c in collected])
+        capacities = (ctypes.c_int64 * max(1, searches))(*[c.size for c in collected])
+        _check(self._lib.dtm_abs_delta_select(inputs.addresses[0], inputs.pointers(1), inputs.code, searches, count,
+                                              lows, highs, above, buffers, capacities, in_range), "abs_delta_select")
+        return [(above[s], in_range[s]) for s in range(searches)]
 
     def masked_l1(self, base, model, rule: Sparsify, start: int) -> tuple[float, float]:
         if not _KernelArrays.supported([base, model]):

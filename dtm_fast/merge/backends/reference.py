@@ -78,22 +78,30 @@ class ReferenceBackend:
         out.copy_(base32 + mixed * spec.lambda_)
 
     def abs_delta_histogram(self, base: torch.Tensor, model: torch.Tensor, histogram: torch.Tensor,
-                            bucket: int | None, low_histogram: torch.Tensor | None = None,
-                            low_bucket: int | None = None) -> None:
+                            bucket: int | None) -> None:
         """Adds to `histogram` (int64[65536]) the high 16 bits of every |x - b| key, or, with
-        `bucket`, the low 16 bits of the keys whose high bits equal it. With `low_histogram` (and no
-        `bucket`), also adds to it the low 16 bits of the keys whose high bits equal `low_bucket`:
-        both radix-select passes at once when the bucket was predicted right."""
+        `bucket`, the low 16 bits of the keys whose high bits equal it."""
         keys = magnitude_keys(model.float() - base.float())
-        for target, selected_bucket in ((histogram, bucket), (low_histogram, low_bucket)):
-            if target is None:
-                continue
-            target = torch.as_tensor(target)  # numpy histograms are updated in place too
-            if selected_bucket is None:
-                target += torch.bincount(keys >> 16, minlength=BINS)
-            else:
-                selected = keys[(keys >> 16) == selected_bucket]
-                target += torch.bincount(selected & 0xFFFF, minlength=BINS)
+        histogram = torch.as_tensor(histogram)  # numpy histograms are updated in place too
+        if bucket is None:
+            histogram += torch.bincount(keys >> 16, minlength=BINS)
+        else:
+            selected = keys[(keys >> 16) == bucket]
+            histogram += torch.bincount(selected & 0xFFFF, minlength=BINS)
+
+    def abs_delta_select(self, base: torch.Tensor, models: Sequence[torch.Tensor], ranges: Sequence[tuple[int, int]],
+                         collected: Sequence["numpy.ndarray"]) -> list[tuple[int, int]]:
+        """For each search i over models[i]: (how many |x - b| keys lie above ranges[i]'s high key,
+        how many within ranges[i], bounds included); the keys within go into collected[i] (uint32,
+        in any order), as many as fit."""
+        results = []
+        for model, (low, high), target in zip(models, ranges, collected):
+            keys = magnitude_keys(model.float() - base.float())
+            selected = keys[(keys >= low) & (keys <= high)]
+            room = min(len(target), selected.numel())
+            target[:room] = selected[:room].numpy()
+            results.append((int((keys > high).sum()), selected.numel()))
+        return results
 
     def masked_l1(self, base: torch.Tensor, model: torch.Tensor, rule: Sparsify, start: int) -> tuple[float, float]:
         """(sum |d|, sum of |d| over kept elements) for mergekit's L1 rescale."""

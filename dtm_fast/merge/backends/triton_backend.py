@@ -302,13 +302,10 @@ class TritonBackend:
 
     # -- statistics ------------------------------------------------------------------------------------
     def abs_delta_histogram(self, base: torch.Tensor, model: torch.Tensor, histogram: torch.Tensor,
-                            bucket: int | None, low_histogram: torch.Tensor | None = None,
-                            low_bucket: int | None = None) -> None:
+                            bucket: int | None) -> None:
         count = base.numel()
         if count == 0:
             return
-        if low_histogram is not None:  # the two counts as two launches over the staged chunk
-            self.abs_delta_histogram(base, model, low_histogram, low_bucket)
 
         def work():
             staged_base, base_kind = self._stage("base", [base], count)

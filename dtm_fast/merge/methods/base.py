@@ -100,6 +100,10 @@ class MergeMethod(ABC):
         then gives it chunks as large as the budget allows, so a tensor that fits is read once."""
         return False
 
+    def statistics_bytes_per_element(self, num_models: int) -> float:
+        """Memory the statistics passes hold per element of a chunk (budgeted by the engine)."""
+        return 0
+
     def needs_whole_rows(self, params: TensorParams) -> bool:
         """Whether every chunk must hold whole leading-axis rows (per-row statistics)."""
         return self.row_wise

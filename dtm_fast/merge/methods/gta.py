@@ -19,8 +19,8 @@ from typing import ClassVar, Sequence
 from dtm_fast.errors import DtmError
 from dtm_fast.merge import rng
 from dtm_fast.merge.magnitude import (
-    RadixSearch, breadcrumbs_ranks, kth_largest_key_in_memory, magnitude_keys, new_histogram, predict_bucket,
-    top_k_count,
+    COLLECT_FRACTION, RadixSearch, bracketed_select, breadcrumbs_ranks, kth_largest_key_in_memory, magnitude_keys,
+    new_histogram, top_k_count,
 )
 from dtm_fast.merge.methods.base import (
     MergeMethod, Param, TensorContext, TensorParams, in_open_closed_unit, in_unit,
@@ -68,6 +68,11 @@ class GeneralizedTaskArithmetic(MergeMethod):
             return False
         thins = any(density < 1 for density in params.model("density"))
         return thins and (self.sparsification in ("magnitude", "band") or params["rescale"] == "l1")
+
+    def statistics_bytes_per_element(self, num_models: int) -> float:
+        # the bracketed threshold search collects up to chunk / COLLECT_FRACTION uint32 keys per band edge
+        edges = {"magnitude": 1, "band": 2}.get(self.sparsification, 0)
+        return edges * num_models * 4 / COLLECT_FRACTION
 
     # -- which deltas are kept -------------------------------------------------------------------
     def _ranks(self, params: TensorParams, index: int, numel: int) -> tuple[int, int] | None:
@@ -164,57 +169,56 @@ class GeneralizedTaskArithmetic(MergeMethod):
             backend.gta(chunk.out, chunk.base, chunk.models, spec, chunk.start)
 
     def _stream_thresholds(self, params: TensorParams, stream) -> list[tuple[int, int] | None]:
-        """Exact band keys for every model with two radix-select passes over the stream."""
+        """Exact band keys for every model: one bracketed pass where a sample brackets them (and the
+        backend can), two radix-select passes over the stream for what remains."""
         numel = stream.context.numel
-        searches: list[list[RadixSearch]] = []
+        wanted: list[list[int]] = []  # descending ranks whose keys each model's band needs
         for index in range(len(stream.models)):
             ranks = self._ranks(params, index, numel)
             if ranks is None or ranks[1] < ranks[0]:
-                searches.append([])
+                wanted.append([])
             else:
                 first, last = ranks  # rank 1 needs no search: its band has no upper bound
-                searches.append([RadixSearch(rank) for rank in sorted({first, last} - {1} | {last})])
-        if not any(searches):
+                wanted.append(sorted({first, last} - {1} | {last}))
+        if not any(wanted):
             return [None] * len(stream.models)
+        found: list[dict[int, int]] = [{} for _ in wanted]
+        if hasattr(stream.backend, "abs_delta_select"):
+            found = bracketed_select(stream, wanted)
+        missing = [[rank for rank in ranks if rank not in found[index]] for index, ranks in enumerate(wanted)]
+        if any(missing):
+            for index, keys in enumerate(self._radix_select(stream, missing)):
+                found[index].update(keys)
+        result: list[tuple[int, int] | None] = []
+        for index, ranks in enumerate(wanted):
+            if not ranks:
+                result.append(None)
+                continue
+            first, last = self._ranks(params, index, numel)
+            result.append((found[index][last], NO_UPPER_KEY if first == 1 else found[index][first]))
+        return result
+
+    @staticmethod
+    def _radix_select(stream, ranks_per_model: list[list[int]]) -> list[dict[int, int]]:
+        """Keys at descending ranks per model with two radix-select passes over the stream."""
         backend = stream.backend
+        searches = [[RadixSearch(rank) for rank in ranks] for ranks in ranks_per_model]
         high = [new_histogram() for _ in searches]
-        guesses: list[tuple[int, object] | None] = [None] * len(searches)  # (bucket, its low histogram)
         for chunk in stream.chunks():
             for index, model in enumerate(chunk.models):
-                if not searches[index]:
-                    continue
-                if chunk.start == 0:
-                    bucket = predict_bucket(backend, chunk.base, model, searches[index][0].rank, numel)
-                    guesses[index] = None if bucket is None else (bucket, new_histogram())
-                guess = guesses[index]
-                if guess is None:
+                if searches[index]:
                     backend.abs_delta_histogram(chunk.base, model, high[index], None)
-                else:
-                    backend.abs_delta_histogram(chunk.base, model, high[index], None, guess[1], guess[0])
         buckets = {}
         for index, model_searches in enumerate(searches):
             for search in model_searches:
                 search.locate_bucket(high[index])
-                guess = guesses[index]
-                if guess is not None and guess[0] == search.bucket:
-                    buckets[(index, search.bucket)] = guess[1]  # counted by the first pass
-                else:
-                    buckets.setdefault((index, search.bucket), None)
-        missing = [key for key, histogram in buckets.items() if histogram is None]
-        if missing:
-            for key in missing:
-                buckets[key] = new_histogram()
-            for chunk in stream.chunks():
-                for index, bucket in missing:
-                    backend.abs_delta_histogram(chunk.base, chunk.models[index], buckets[(index, bucket)], bucket)
-        result: list[tuple[int, int] | None] = []
+                buckets.setdefault((index, search.bucket), new_histogram())
+        for chunk in stream.chunks():
+            for (index, bucket), histogram in buckets.items():
+                backend.abs_delta_histogram(chunk.base, chunk.models[index], histogram, bucket)
+        found = []
         for index, model_searches in enumerate(searches):
-            if not model_searches:
-                result.append(None)
-                continue
             for search in model_searches:
                 search.locate_key(buckets[(index, search.bucket)])
-            first, last = self._ranks(params, index, numel)
-            by_rank = {search.rank: search.key for search in model_searches}
-            result.append((by_rank[last], NO_UPPER_KEY if first == 1 else by_rank[first]))
-        return result
+            found.append({search.rank: search.key for search in model_searches})
+        return found
