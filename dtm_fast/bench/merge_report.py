@@ -189,7 +189,7 @@ def report(measurements: Measurements, args) -> None:
              f"worst {100 * max(spreads):.0f}%" if spreads else "one repetition: no spread measured")
     load = measurements.machine
     ui.info(f"{noise}; load average {load['load_before'][0]:.1f} before, {load['load_after'][0]:.1f} after "
-            f"on {load['cpus']} CPUs; interpreter baseline RSS {ui.format_bytes(measurements.baseline_rss_bytes)}")
+            f"on {load['cpus']} CPUs; baseline RSS of the merge's imports {ui.format_bytes(measurements.baseline_rss_bytes)}")
     record = asdict(measurements)
     record["table"] = {"columns": COLUMNS, "rows": table}
     record["noise"] = noise

@@ -54,8 +54,10 @@ def run_measured(command: list[str], log_path: Path) -> Run:
 
 
 def interpreter_baseline(log_path: Path) -> int:
-    """Peak RSS of a Python process that only imports torch: what any merge pays before working."""
-    return run_measured([sys.executable, "-c", "import torch, safetensors"], log_path).peak_rss_bytes
+    """Peak RSS of a Python process that only imports what a native (cpu) merge imports: what such a
+    merge pays before working. (Merges on the reference backend also import torch, ~250 MB more.)"""
+    command = [sys.executable, "-c", "import dtm_fast.merge.engine, dtm_fast.merge.stream, dtm_fast.merge.backends.cpu"]
+    return run_measured(command, log_path).peak_rss_bytes
 
 
 def read_files_s(paths: list[Path], buffer: bytearray) -> float:
