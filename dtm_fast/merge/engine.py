@@ -106,8 +106,10 @@ def lora_record(config: MergeConfig, inputs: Inputs) -> dict:
     return {"lora_mode": config.lora_mode} if any(m.is_adapter for m in inputs.models) else {}
 
 
-def chunk_elements_for(config: MergeConfig, inputs: Inputs, plan: OutputPlan, backend) -> tuple[int, list[int], int]:
-    """Largest chunk whose buffers and backend workspace fit the budget."""
+def chunk_elements_for(config: MergeConfig, inputs: Inputs, plan: OutputPlan, backend,
+                       mapped: bool = False) -> tuple[int, list[int], int]:
+    """Largest chunk whose buffers and backend workspace fit the budget. With `mapped` reads the
+    budget also holds the pages the kernel maps beyond each chunk (whole page-cache folios)."""
     # every slot is sized for the widest dtype of any input, so any input can use any slot
     itemsize = max(DTYPE_SIZES[e.dtype] for c in inputs.all() for e in c.tensors.values())
     reads_base = inputs.base is not None and config.method_impl.needs_base
@@ -115,7 +117,12 @@ def chunk_elements_for(config: MergeConfig, inputs: Inputs, plan: OutputPlan, ba
     out_size = max(DTYPE_SIZES[t.out_dtype] for s in plan.shards for t in s.tensors)
     per_element = 2 * (sum(input_sizes) + out_size) + backend.workspace_bytes_per_element(len(input_sizes))
     per_element += math.ceil(config.method_impl.statistics_bytes_per_element(len(inputs.models)))
-    available = config.max_memory - FIXED_OVERHEAD_BYTES
+    overhead = FIXED_OVERHEAD_BYTES
+    if mapped:
+        from dtm_fast.merge.stream import FAULT_AROUND_BYTES
+
+        overhead += 2 * len(input_sizes) * 2 * FAULT_AROUND_BYTES  # two slots, both ends of every input
+    available = config.max_memory - overhead
     chunk = available // per_element // MIN_CHUNK_ELEMENTS * MIN_CHUNK_ELEMENTS if available > 0 else 0
     method = config.method_impl
     longest_row = 0
@@ -126,7 +133,7 @@ def chunk_elements_for(config: MergeConfig, inputs: Inputs, plan: OutputPlan, ba
                 longest_row = max(longest_row, tensor.numel // tensor.shape[0] if tensor.shape[0] else 0)
     needed = max(MIN_CHUNK_ELEMENTS, longest_row)
     if chunk < needed:
-        minimum = FIXED_OVERHEAD_BYTES + needed * per_element
+        minimum = overhead + needed * per_element
         raise DtmError(f"--max-memory {config.max_memory / 2**20:.0f} MiB is too small for this merge: it needs at "
                        f"least {minimum / 2**20:.0f} MiB ({len(input_sizes)} inputs, {backend.name} backend)")
     return chunk, input_sizes, out_size
@@ -181,7 +188,14 @@ def run_merge(config: MergeConfig) -> Path:
     check_all_params(config, plan)
     # every check that can refuse the merge runs before the partial directory exists
     backend = select_backend(config.backend)
-    chunk, input_sizes, out_size = chunk_elements_for(config, inputs, plan, backend)
+    mapped = getattr(backend, "reads_mapped", False)
+    try:
+        chunk, input_sizes, out_size = chunk_elements_for(config, inputs, plan, backend, mapped)
+    except DtmError:
+        if not mapped:
+            raise
+        mapped = False  # a budget too small for mapped reads still fits copies into buffers
+        chunk, input_sizes, out_size = chunk_elements_for(config, inputs, plan, backend)
     mine = [s for i, s in enumerate(plan.shards) if i % config.num_shards == config.shard_index]
     todo = [s for s in mine if not out_io.shard_is_complete(out_io.partial_dir(output), s.filename, s.size, s.header)]
     out_io.check_disk_space(output, sum(s.size for s in todo))
@@ -195,7 +209,9 @@ def run_merge(config: MergeConfig) -> Path:
     baseline = resident_bytes()
     chunks = tensor_chunk_elements(config, plan, todo, chunk, sum(input_sizes) + out_size)
     chunk = max(chunks.values(), default=MIN_CHUNK_ELEMENTS)
-    buffers = Buffers(input_sizes, out_size, chunk, pinned=getattr(backend, "wants_pinned_buffers", False))
+    # mapped reads need output buffers only (the mapped pages take the inputs' share of the budget)
+    slot_sizes = [] if mapped else input_sizes
+    buffers = Buffers(slot_sizes, out_size, chunk, pinned=getattr(backend, "wants_pinned_buffers", False))
     log.info("method %s, backend %s, chunks of up to %d elements (%s of buffers)", config.method, backend.name,
              chunk, ui.format_bytes(Buffers.bytes_needed(input_sizes, out_size, chunk)))
     files = FileCache()
@@ -207,7 +223,7 @@ def run_merge(config: MergeConfig) -> Path:
             def written(nbytes: int) -> None:
                 progress.advance(nbytes, memory=max(0, resident_bytes() - baseline))
 
-            io = ChunkIO(buffers, files, reader, writer, written)
+            io = ChunkIO(buffers, files, reader, writer, written, mapped=mapped)
             try:
                 streams = plan_streams(config, inputs, plan, todo, backend, io, chunks)
                 for shard, shard_streams in zip(todo, streams):

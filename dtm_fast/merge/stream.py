@@ -14,11 +14,17 @@ at its planned offset; an output slot is reused once its previous write is done,
 the next tensor's compute too.
 
 Chunk inputs are handed to the backend as it asks (`backend.view`): `HostArray`s for the native
-kernels, zero-copy torch tensors for the torch backends.
+kernels, zero-copy torch tensors for the torch backends. A backend with `reads_mapped` (the native
+one) gets views of the memory-mapped input files instead of copies, when the budget has room for
+the pages the kernel maps beyond each chunk: the reader thread maps the
+chunk's pages in (MADV_POPULATE_READ) and the kernels read the page cache directly, which saves
+copying every input byte once (a fifth to a quarter of a merge's time on 2 cores); when the slot is
+reused, its pages are dropped from the process (MADV_DONTNEED), so memory stays within the budget.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
@@ -27,6 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from dtm_fast.io.output import start_writeback
+from dtm_fast.errors import DtmError
 from dtm_fast.io.safetensors_format import DTYPE_SIZES, TensorEntry, read_exact, write_exact
 from dtm_fast.merge.methods.base import TensorContext
 
@@ -41,6 +48,19 @@ class Chunk:
     inputs_raw: list[np.ndarray] = field(default_factory=list)  # the same inputs' bytes, base first
     out: Any | None = None
     out_raw: np.ndarray | None = None
+    mapped: list[tuple[mmap.mmap, int, int]] = field(default_factory=list)  # (map, start, length) held in memory
+
+    def release(self) -> None:
+        """Drop mapped input pages from this process (they stay in the page cache). The range is
+        widened by the kernel's fault-around window on both sides: populating a range also maps up
+        to that much of its neighbours, which would otherwise stay mapped (and counted) until the
+        merge ends. A neighbouring chunk still in use just faults those few pages in again."""
+        for mapping, start, length in self.mapped:
+            if not mapping.closed:
+                first = max(0, start - FAULT_AROUND_BYTES)
+                last = min(len(mapping), start + length + FAULT_AROUND_BYTES)
+                mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+        self.mapped = []
 
 
 class Buffers:
@@ -71,11 +91,18 @@ class Buffers:
         return 2 * chunk_elements * (sum(input_itemsizes) + out_itemsize)
 
 
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; Python names it from 3.13
+FAULT_AROUND_BYTES = 2 << 20  # a PMD: the largest page-cache folio a fault maps whole (fault-around is 64 KiB)
+
+
 class FileCache:
-    """Open file descriptors for reading inputs, one per file, kept for the whole merge."""
+    """Open file descriptors (and read-only maps) of the input files, one per file, kept for the
+    whole merge."""
 
     def __init__(self):
         self._fds: dict[str, int] = {}
+        self._maps: dict[str, mmap.mmap] = {}
+        self._populate = True  # until the kernel says it has no MADV_POPULATE_READ
 
     def fd(self, path) -> int:
         key = str(path)
@@ -83,7 +110,34 @@ class FileCache:
             self._fds[key] = os.open(key, os.O_RDONLY)
         return self._fds[key]
 
+    def map_range(self, path, offset: int, length: int) -> tuple[np.ndarray, tuple[mmap.mmap, int, int]]:
+        """Bytes offset .. offset+length of a file as a read-only view of its map, with their pages
+        mapped in; returns the view and the (map, start, length) page range to release later."""
+        key = str(path)
+        if key not in self._maps:
+            self._maps[key] = mmap.mmap(self.fd(path), 0, access=mmap.ACCESS_READ)
+        mapping = self._maps[key]
+        if offset + length > len(mapping):
+            raise DtmError(f"{path}: unexpected end of file at byte {len(mapping)}; the file changed or is truncated")
+        start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+        pages = (start, offset + length - start)
+        if self._populate and length:
+            try:
+                mapping.madvise(MADV_POPULATE_READ, *pages)
+            except OSError as error:
+                if error.errno != 22:  # EINVAL: an older kernel; pages then fault in when read
+                    raise DtmError(f"{path}: cannot read bytes {offset}..{offset + length} ({error})") from error
+                self._populate = False
+        view = np.frombuffer(mapping, dtype=np.uint8, count=length, offset=offset)
+        return view, (mapping, *pages)
+
     def close(self) -> None:
+        for mapping in self._maps.values():
+            try:
+                mapping.close()
+            except BufferError:
+                pass  # a view still refers to it; it is unmapped when that goes
+        self._maps.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -94,8 +148,9 @@ class ChunkIO:
     their writes running behind. Not thread-safe: one consumer (the merge loop) drives it."""
 
     def __init__(self, buffers: Buffers, files: FileCache, reader: ThreadPoolExecutor, writer: ThreadPoolExecutor,
-                 on_written: Callable[[int], None]):
+                 on_written: Callable[[int], None], mapped: bool = False):
         self.buffers = buffers
+        self.mapped = mapped  # inputs are views of the mapped files, not copies in buffers
         self.files = files
         self.reader = reader
         self.writer = writer
@@ -127,12 +182,20 @@ class ChunkIO:
 
     def _submit(self, stream: "TensorStream", start: int, stop: int) -> int:
         slot = 0 if self._in_use is None else 1 - self._in_use
-        if self._reads[slot] is not None:
-            wait([self._reads[slot]])  # never read into a buffer a read is still filling
+        self._release(slot)
         self._held[slot] = None
         self._reads[slot] = self.reader.submit(stream.read, slot, start, stop)
         self._held[slot] = (stream, start, stop)
         return slot
+
+    def _release(self, slot: int) -> None:
+        """Wait for the read into `slot` (never read into a buffer a read is still filling) and drop
+        the mapped pages its chunk held."""
+        future = self._reads[slot]
+        if future is not None:
+            wait([future])
+            if future.exception() is None:
+                future.result().release()
 
     def output_slot(self) -> int:
         """An output buffer free to fill (its previous write is done)."""
@@ -160,7 +223,10 @@ class ChunkIO:
 
     def drain(self) -> None:
         """Wait for everything in flight without raising (when the merge stops, normally or not)."""
-        wait([f for f in (*self._reads, *self._writes) if f is not None])
+        wait([f for f in self._writes if f is not None])
+        for slot in (0, 1):
+            self._release(slot)
+        self._reads = [None, None]
         self._held = [None, None]
         self._in_use = None
 
@@ -201,19 +267,23 @@ class TensorStream:
         return self.backend.view(raw, dtype)
 
     def read(self, slot: int, start: int, stop: int) -> Chunk:
-        """Read a chunk of every input into input slot `slot` (runs on the reader thread)."""
+        """Read (or map) a chunk of every input into input slot `slot` (runs on the reader thread)."""
         count = stop - start
-        raws, views = [], []
+        raws, views, mapped = [], [], []
         for index, entry in enumerate(self._entries()):
             size = DTYPE_SIZES[entry.dtype]
-            raw = self.buffers.inputs[slot][index][: count * size]
-            read_exact(self.files.fd(entry.path), memoryview(raw), entry.offset + start * size, entry.path)
+            if self.io.mapped:
+                raw, pages = self.files.map_range(entry.path, entry.offset + start * size, count * size)
+                mapped.append(pages)
+            else:
+                raw = self.buffers.inputs[slot][index][: count * size]
+                read_exact(self.files.fd(entry.path), memoryview(raw), entry.offset + start * size, entry.path)
             raws.append(raw)
             views.append(self.view(raw, entry.dtype))
         base = views.pop(0) if self.base_entry is not None else None
         models = views[: len(self.model_entries)]
         fishers = views[len(self.model_entries):]
-        return Chunk(start, count, base, models, fishers, raws)
+        return Chunk(start, count, base, models, fishers, raws, mapped=mapped)
 
     def _read_ahead(self, index: int, ranges: list[tuple[int, int]], write: bool) -> None:
         """Prefetch what follows chunk `index`; a one-chunk tensor stays in its slot for all its

@@ -88,3 +88,34 @@ def test_a_bracket_that_overflows_falls_back_to_the_radix_select(bf16_family, tm
     # ...and a budget whose chunks (of about 1M elements) give buffers of 131,072 keys, too few for all
     merged_equals_reference(bf16_family, tmp_path, "ties", [{"density": 0.5}] * 3, "auto", max_memory=40 * 2**20)
     assert outcomes["overflow"] == 3
+
+
+def test_mapped_reads_give_the_bytes_of_copied_reads(bf16_family, tmp_path, monkeypatch):
+    """The native backend reads memory-mapped inputs when the budget allows; copies into buffers
+    (the path of small budgets and the torch backends) must give the same output bytes."""
+    from dtm_fast.merge import stream
+    from dtm_fast.merge.backends import cpu
+
+    if cpu.unavailable_reason():
+        pytest.skip(cpu.unavailable_reason())
+    mapped_ranges = []
+    original = stream.FileCache.map_range
+
+    def counting(self, path, offset, length):
+        mapped_ranges.append(length)
+        return original(self, path, offset, length)
+
+    monkeypatch.setattr(stream.FileCache, "map_range", counting)
+    outputs = {}
+    for reads_mapped in (True, False):
+        monkeypatch.setattr(cpu.CpuBackend, "reads_mapped", reads_mapped)
+        for method, per_model in (("ties", [{"density": 0.5}] * 3), ("dare_ties", [{"density": 0.3}] * 3)):
+            out = tmp_path / f"{method}-{reads_mapped}"
+            config = MergeConfig(method=method, models=tuple(ModelInput(p, d) for p, d in zip(bf16_family[1:], per_model)),
+                                 output=out, base=bf16_family[0], backend="cpu")
+            run_merge(config)
+            outputs[(method, reads_mapped)] = (out / "model.safetensors").read_bytes()
+        if reads_mapped:
+            assert sum(mapped_ranges) >= 4 * SHAPE[0] * SHAPE[1] * 2  # every input was read through its map
+    assert outputs[("ties", True)] == outputs[("ties", False)]
+    assert outputs[("dare_ties", True)] == outputs[("dare_ties", False)]

@@ -239,6 +239,7 @@ def _histogram_address(histogram) -> int | None:
 
 class CpuBackend:
     name = "cpu"
+    reads_mapped = True  # chunks are views of the memory-mapped inputs: the kernels read the page cache
 
     def __init__(self) -> None:
         self._lib = _lib()
