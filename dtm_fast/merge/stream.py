@@ -183,7 +183,6 @@ class ChunkIO:
     def _submit(self, stream: "TensorStream", start: int, stop: int) -> int:
         slot = 0 if self._in_use is None else 1 - self._in_use
         self._release(slot)
-        self._held[slot] = None
         self._reads[slot] = self.reader.submit(stream.read, slot, start, stop)
         self._held[slot] = (stream, start, stop)
         return slot
