@@ -57,7 +57,12 @@ class HostArray:
         return self.raw.__array_interface__["data"][0]
 
     def torch(self):
-        """A torch tensor sharing these bytes."""
+        """A torch tensor sharing these bytes. Mapped input chunks are read-only; torch warns about
+        such arrays, but the torch backends never write their inputs, so the warning is silenced."""
+        import warnings
+
         import torch
 
-        return torch.from_numpy(self.raw).view(torch_dtype(self.dtype))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(self.raw).view(torch_dtype(self.dtype))

@@ -119,3 +119,26 @@ def test_mapped_reads_give_the_bytes_of_copied_reads(bf16_family, tmp_path, monk
             assert sum(mapped_ranges) >= 4 * SHAPE[0] * SHAPE[1] * 2  # every input was read through its map
     assert outputs[("ties", True)] == outputs[("ties", False)]
     assert outputs[("dare_ties", True)] == outputs[("dare_ties", False)]
+
+
+def test_dtypes_the_kernels_do_not_take_go_through_the_reference_quietly(tmp_path, recwarn):
+    """float64 tensors reach the native backend as read-only mapped chunks, which it hands to the
+    reference backend: same bytes as the reference backend's merge, and no warning on the way."""
+    from dtm_fast.merge.backends import cpu
+
+    if cpu.unavailable_reason():
+        pytest.skip(cpu.unavailable_reason())
+    generator = torch.Generator().manual_seed(8)
+    paths = []
+    for index in range(3):
+        tensors = {"a": torch.randn(301, 300, generator=generator, dtype=torch.float64),
+                   "b": torch.randn(1000, generator=generator).bfloat16(), "c": torch.arange(10)}
+        paths.append(write_safetensors(tmp_path / f"m{index}" / "model.safetensors", tensors).parent)
+    outputs = {}
+    for backend in ("cpu", "reference"):
+        config = MergeConfig(method="ties", models=tuple(ModelInput(p, {"density": 0.5}) for p in paths[1:]),
+                             output=tmp_path / backend, base=paths[0], backend=backend)
+        run_merge(config)
+        outputs[backend] = (tmp_path / backend / "model.safetensors").read_bytes()
+    assert outputs["cpu"] == outputs["reference"]
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
