@@ -8,7 +8,7 @@ products, L1 sums) accumulate in float64 so that their value does not depend on 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -16,6 +16,9 @@ from dtm_fast.merge import rng
 from dtm_fast.merge.host_array import torch_dtype
 from dtm_fast.merge.magnitude import BINS, magnitude_keys
 from dtm_fast.merge.specs import NO_UPPER_KEY, GtaSpec, Sparsify  # noqa: F401 - NO_UPPER_KEY re-exported
+
+if TYPE_CHECKING:
+    import numpy
 
 
 def keep_mask(delta: torch.Tensor, rule: Sparsify, start: int) -> torch.Tensor | None:

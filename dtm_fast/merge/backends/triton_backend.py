@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -24,6 +24,9 @@ from dtm_fast.merge.backends.reference import (
     GtaSpec, ReferenceBackend, Sparsify, model_stock_ratio, slerp_coefficients_from_products,
 )
 from dtm_fast.merge.magnitude import BINS
+
+if TYPE_CHECKING:
+    import numpy
 
 log = logging.getLogger(__name__)
 
