@@ -6,6 +6,7 @@ Runs in the main pytest process (TRITON_INTERPRET must be unset, or kernels are 
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,6 +68,7 @@ def recorded_launches():
     backend.fisher(torch.empty(n, dtype=torch.float16), bf16[:2], [torch.zeros(n)] * 2, [1.0, 1.0], 1e-8)
     backend.abs_delta_histogram(bf16[0], bf16[1], torch.zeros(1 << 16, dtype=torch.int64), None)
     backend.abs_delta_histogram(fp16[0], fp16[1], torch.zeros(1 << 16, dtype=torch.int64), 7)
+    backend.abs_delta_select(bf16[0], bf16[1:3], [(0, 5), (1, 9)], [np.zeros(n, dtype=np.uint32)] * 2)
     for rule in rules:
         backend.masked_l1(bf16[0], bf16[1], rule, 5)
     backend.delta_gram(bf16[0], bf16[1:])
@@ -92,8 +94,8 @@ def test_every_kernel_compiles_for_cuda_with_reference_rounding():
         pytest.skip("this triton build has no NVIDIA backend")
     launches = recorded_launches()
     assert {kernel.__name__ for kernel, _, _ in launches} == {
-        "gta_kernel", "linear_kernel", "fisher_kernel", "abs_delta_histogram_kernel", "masked_l1_kernel",
-        "row_gram_kernel", "model_stock_kernel", "slerp_kernel"}
+        "gta_kernel", "linear_kernel", "fisher_kernel", "abs_delta_histogram_kernel", "abs_delta_keys_kernel",
+        "masked_l1_kernel", "row_gram_kernel", "model_stock_kernel", "slerp_kernel"}
     for kernel, signature, constexprs in launches:
         for capability in (80, 90):  # A100, H100
             compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),

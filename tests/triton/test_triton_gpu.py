@@ -35,6 +35,8 @@ def test_nan_and_inf(cuda_backend, in_dtype, out_dtype):
 def test_histograms_identical(cuda_backend, in_dtype):
     cases.check_histograms(cuda_backend, LARGE, in_dtype)
     cases.check_histograms(cuda_backend, LARGE, in_dtype, special=True)  # NaN keys as on x86
+    cases.check_select(cuda_backend, LARGE, in_dtype)
+    cases.check_select(cuda_backend, LARGE, in_dtype, special=True)
 
 
 @pytest.mark.parametrize("start", [0, (1 << 32) - 1000, (5 << 32) + 1])

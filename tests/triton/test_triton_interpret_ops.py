@@ -48,6 +48,14 @@ def test_histograms_identical(interpreted_backend, count, in_dtype):
 
 
 @pytest.mark.parametrize("count", SIZES)
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("special", [False, True])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on inf - inf
+def test_select(interpreted_backend, count, in_dtype, special):
+    cases.check_select(interpreted_backend, count, in_dtype, special)
+
+
+@pytest.mark.parametrize("count", SIZES)
 @pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
 def test_masked_l1(interpreted_backend, count, in_dtype):
     cases.check_masked_l1(interpreted_backend, count, in_dtype)

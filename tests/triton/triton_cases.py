@@ -112,6 +112,30 @@ def check_masked_l1(backend, count, in_dtype):
                               rtol=1e-12, atol=1e-300)
 
 
+def check_select(backend, count, in_dtype, special=False):
+    """The bracketed threshold pass against plain torch on the reference's keys: counts above and
+    keys inside each bracket, two searches over the same model, and a buffer too small for its keys."""
+    base, inputs = make_inputs(count, 2, in_dtype, seed=17 * count + 3, special=special)
+    keys = [magnitude_keys(model.float() - base.float()) for model in inputs]
+    finite = keys[0][keys[0] < 0x7F800000].double()
+    low, high = (int(torch.quantile(finite, q)) if finite.numel() else 0 for q in (0.25, 0.75))
+    searches = [(0, low, high), (0, 0, NO_UPPER_KEY), (1, high, high)]
+    inside = [keys[m][(keys[m] >= lo) & (keys[m] <= hi)] for m, lo, hi in searches]
+    buffers = [np.full(capacity, 0xFFFFFFFF, dtype=np.uint32)
+               for capacity in (count + 1, inside[1].numel() // 2, count + 1)]
+    counts = backend.abs_delta_select(base, [inputs[m] for m, _, _ in searches],
+                                      [(lo, hi) for _, lo, hi in searches], buffers)
+    assert counts == [(int((keys[m] > hi).sum()), selected.numel()) for (m, _, hi), selected in zip(searches, inside)]
+    for buffer, selected in zip(buffers, inside):
+        kept = min(len(buffer), selected.numel())
+        assert np.all(buffer[kept:] == 0xFFFFFFFF)
+        wanted = selected.numpy().astype(np.uint32)
+        if kept == selected.numel():
+            assert np.array_equal(np.sort(buffer[:kept]), np.sort(wanted))
+        else:
+            assert set(buffer[:kept].tolist()) <= set(wanted.tolist())
+
+
 def check_delta_gram(backend, count, in_dtype, models=3):
     base, inputs = make_inputs(count, models, in_dtype, seed=11 * count + models)
     expected = torch.from_numpy(REFERENCE.delta_gram(base, inputs))

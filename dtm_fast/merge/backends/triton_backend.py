@@ -323,6 +323,30 @@ class TritonBackend:
         self._run(work)
         torch.as_tensor(histogram).add_(self._host_histogram)  # numpy histograms are updated in place too
 
+    def abs_delta_select(self, base: torch.Tensor, models: Sequence[torch.Tensor], ranges: Sequence[tuple[int, int]],
+                         collected: Sequence["numpy.ndarray"]) -> list[tuple[int, int]]:
+        """As ReferenceBackend.abs_delta_select: a kernel writes each model's keys on the device,
+        torch counts and compacts them there, and only the collected keys come back to the host."""
+        count = base.numel()
+        if count == 0:
+            return [(0, 0)] * len(models)
+
+        def work():
+            staged_base, base_kind = self._stage("base", [base], count)
+            staged, model_kind = self._stage("models", models, count)
+            keys = self.buffers.get("keys", 1, count, torch.int32)[0, :count]
+            results = []
+            for row, ((low, high), target) in enumerate(zip(ranges, collected)):
+                self._launch(self.kernels.abs_delta_keys_kernel, self._grid(count), keys, staged_base, staged[row],
+                             count, BASE_KIND=base_kind, MODEL_KIND=model_kind, BLOCK=BLOCK)
+                inside = keys[(keys >= low) & (keys <= high)]
+                room = min(len(target), inside.numel())
+                target[:room] = inside[:room].cpu().numpy().view(target.dtype)  # keys are >= 0: same bits
+                results.append((int((keys > high).sum()), inside.numel()))
+            return results
+
+        return self._run(work)
+
     def masked_l1(self, base: torch.Tensor, model: torch.Tensor, rule: Sparsify, start: int) -> tuple[float, float]:
         count = base.numel()
         if count == 0:

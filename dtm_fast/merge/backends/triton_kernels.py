@@ -260,6 +260,17 @@ def abs_delta_histogram_kernel(histogram_ptr, base_ptr, model_ptr, n, bucket,
 
 
 @triton.jit
+def abs_delta_keys_kernel(keys_ptr, base_ptr, model_ptr, n, BASE_KIND: tl.constexpr, MODEL_KIND: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """The magnitude key (int32) of every |x - b|, for the bracketed threshold pass."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < n
+    base = load_f32(base_ptr + offsets, inside, BASE_KIND)
+    model = load_f32(model_ptr + offsets, inside, MODEL_KIND)
+    tl.store(keys_ptr + offsets, abs_delta_key(model, base, model - base), mask=inside)
+
+
+@triton.jit
 def masked_l1_kernel(partials_ptr, base_ptr, model_ptr, int_params_ptr, start, n,
                      SPARSIFY_KIND: tl.constexpr, BASE_KIND: tl.constexpr, MODEL_KIND: tl.constexpr,
                      BLOCK: tl.constexpr):
