@@ -65,3 +65,21 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     return path
+
+
+# 660,871 elements: above the sampling threshold of the bracketed TIES thresholds (4 x 131,072)
+BIG_SHAPE = (1031, 641)
+
+
+@pytest.fixture(scope="module")
+def bf16_big_family(tmp_path_factory):
+    """A base and three bf16 fine-tunes of one BIG_SHAPE tensor "w": their deltas take few distinct
+    values, so many magnitudes tie."""
+    root = tmp_path_factory.mktemp("big-bf16")
+    generator = torch.Generator().manual_seed(5)
+    base = torch.randn(BIG_SHAPE, generator=generator) * 0.02
+    paths = [write_safetensors(root / "base" / "model.safetensors", {"w": base.bfloat16()}).parent]
+    for index in range(3):
+        model = base + 1e-3 * torch.randn(BIG_SHAPE, generator=generator)
+        paths.append(write_safetensors(root / f"m{index}" / "model.safetensors", {"w": model.bfloat16()}).parent)
+    return paths

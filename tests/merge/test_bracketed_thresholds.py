@@ -9,27 +9,12 @@ import collections
 import pytest
 import torch
 
-from conftest import load_state, write_safetensors
+from conftest import BIG_SHAPE, load_state
 from dtm_fast.merge import magnitude
 from dtm_fast.merge.config import MergeConfig, ModelInput
 from dtm_fast.merge.engine import run_merge
 from dtm_fast.merge.methods import METHODS
 from dtm_fast.merge.methods.base import TensorContext
-
-SHAPE = (1031, 641)  # 660,871 elements: above the sampling threshold (4 x 131,072)
-
-
-@pytest.fixture(scope="module")
-def bf16_family(tmp_path_factory):
-    """bf16 fine-tunes: their deltas take few distinct values, so many magnitudes tie."""
-    root = tmp_path_factory.mktemp("bracketed")
-    generator = torch.Generator().manual_seed(5)
-    base = torch.randn(SHAPE, generator=generator) * 0.02
-    paths = [write_safetensors(root / "base" / "model.safetensors", {"w": base.bfloat16()}).parent]
-    for index in range(3):
-        model = base + 1e-3 * torch.randn(SHAPE, generator=generator)
-        paths.append(write_safetensors(root / f"m{index}" / "model.safetensors", {"w": model.bfloat16()}).parent)
-    return paths
 
 
 @pytest.fixture
@@ -56,36 +41,36 @@ def merged_equals_reference(paths, tmp_path, method: str, per_model: list[dict],
     merged = load_state(tmp_path / "out")["w"]
     tensors = [load_state(p)["w"] for p in paths]
     expected = METHODS[method].reference(config.tensor_params("w", None, None), tensors[0], tensors[1:],
-                                         TensorContext("w", SHAPE, 0)).bfloat16()
+                                         TensorContext("w", BIG_SHAPE, 0)).bfloat16()
     assert torch.equal(merged.view(torch.int16), expected.view(torch.int16))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_bracketed_ties_equals_the_sorted_reference(bf16_family, tmp_path, outcomes, backend):
+def test_bracketed_ties_equals_the_sorted_reference(bf16_big_family, tmp_path, outcomes, backend):
     from dtm_fast.merge.backends import cpu
 
     if backend == "cpu" and cpu.unavailable_reason():
         pytest.skip(cpu.unavailable_reason())
-    merged_equals_reference(bf16_family, tmp_path, "ties", [{"density": 0.5}, {"density": 0.2}, {"density": 0.9}],
+    merged_equals_reference(bf16_big_family, tmp_path, "ties", [{"density": 0.5}, {"density": 0.2}, {"density": 0.9}],
                             backend)
     assert outcomes == {"hit": 3}
 
 
-def test_bracketed_breadcrumbs_searches_both_band_edges(bf16_family, tmp_path, outcomes):
-    merged_equals_reference(bf16_family, tmp_path, "breadcrumbs", [{"density": 0.4, "gamma": 0.05}] * 3, "auto")
+def test_bracketed_breadcrumbs_searches_both_band_edges(bf16_big_family, tmp_path, outcomes):
+    merged_equals_reference(bf16_big_family, tmp_path, "breadcrumbs", [{"density": 0.4, "gamma": 0.05}] * 3, "auto")
     assert outcomes == {"hit": 6}
 
 
-def test_a_bracket_that_misses_falls_back_to_the_radix_select(bf16_family, tmp_path, outcomes, monkeypatch):
+def test_a_bracket_that_misses_falls_back_to_the_radix_select(bf16_big_family, tmp_path, outcomes, monkeypatch):
     # a bracket above every finite key (as a sample far off the rank would give)
     monkeypatch.setattr(magnitude, "bracket", lambda sample, rank, numel: (0x7F800001, 0x7F800002))
-    merged_equals_reference(bf16_family, tmp_path, "ties", [{"density": 0.5}] * 3, "auto")
+    merged_equals_reference(bf16_big_family, tmp_path, "ties", [{"density": 0.5}] * 3, "auto")
     assert outcomes["miss"] == 3 and outcomes["hit"] == 0
 
 
-def test_a_bracket_that_overflows_falls_back_to_the_radix_select(bf16_family, tmp_path, outcomes, monkeypatch):
+def test_a_bracket_that_overflows_falls_back_to_the_radix_select(bf16_big_family, tmp_path, outcomes, monkeypatch):
     monkeypatch.setattr(magnitude, "BRACKET_SIGMAS", 400)  # a bracket of every key...
     # ...and a budget whose chunks (of about 1M elements) give buffers of 131,072 keys, too few for all
-    merged_equals_reference(bf16_family, tmp_path, "ties", [{"density": 0.5}] * 3, "auto", max_memory=40 * 2**20)
+    merged_equals_reference(bf16_big_family, tmp_path, "ties", [{"density": 0.5}] * 3, "auto", max_memory=40 * 2**20)
     assert outcomes["overflow"] == 3
 

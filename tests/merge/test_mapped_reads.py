@@ -7,26 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import write_safetensors
+from conftest import BIG_SHAPE, write_safetensors
 from dtm_fast.merge.config import MergeConfig, ModelInput
 from dtm_fast.merge.engine import run_merge
 
-SHAPE = (1031, 641)
-
-
-@pytest.fixture(scope="module")
-def bf16_family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mapped")
-    generator = torch.Generator().manual_seed(6)
-    base = torch.randn(SHAPE, generator=generator) * 0.02
-    paths = [write_safetensors(root / "base" / "model.safetensors", {"w": base.bfloat16()}).parent]
-    for index in range(3):
-        model = base + 1e-3 * torch.randn(SHAPE, generator=generator)
-        paths.append(write_safetensors(root / f"m{index}" / "model.safetensors", {"w": model.bfloat16()}).parent)
-    return paths
-
-
-def test_mapped_reads_give_the_bytes_of_copied_reads(bf16_family, tmp_path, monkeypatch):
+def test_mapped_reads_give_the_bytes_of_copied_reads(bf16_big_family, tmp_path, monkeypatch):
     """The native backend reads memory-mapped inputs when the budget allows; copies into buffers
     (the path of small budgets and the torch backends) must give the same output bytes."""
     from dtm_fast.merge import stream
@@ -47,12 +32,12 @@ def test_mapped_reads_give_the_bytes_of_copied_reads(bf16_family, tmp_path, monk
         monkeypatch.setattr(cpu.CpuBackend, "reads_mapped", reads_mapped)
         for method, per_model in (("ties", [{"density": 0.5}] * 3), ("dare_ties", [{"density": 0.3}] * 3)):
             out = tmp_path / f"{method}-{reads_mapped}"
-            config = MergeConfig(method=method, models=tuple(ModelInput(p, d) for p, d in zip(bf16_family[1:], per_model)),
-                                 output=out, base=bf16_family[0], backend="cpu")
+            config = MergeConfig(method=method, models=tuple(ModelInput(p, d) for p, d in zip(bf16_big_family[1:], per_model)),
+                                 output=out, base=bf16_big_family[0], backend="cpu")
             run_merge(config)
             outputs[(method, reads_mapped)] = (out / "model.safetensors").read_bytes()
         if reads_mapped:
-            assert sum(mapped_ranges) >= 4 * SHAPE[0] * SHAPE[1] * 2  # every input was read through its map
+            assert sum(mapped_ranges) >= 4 * BIG_SHAPE[0] * BIG_SHAPE[1] * 2  # every input was read through its map
     assert outputs[("ties", True)] == outputs[("ties", False)]
     assert outputs[("dare_ties", True)] == outputs[("dare_ties", False)]
 
