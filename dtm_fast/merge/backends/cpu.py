@@ -219,7 +219,7 @@ class _Output:
 
     def __init__(self, out):
         self.out = out
-        self.target = out if isinstance(out, HostArray) or out.is_contiguous() else out.contiguous()
+        self.target = out if isinstance(out, HostArray) or out.is_contiguous() else out.new_empty(out.shape)
         self.address = _address(self.target)
         self.code = DTYPE_CODES[_dtype_name(out)]
 
