@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_state, save_llama, tiny_llama_config
+from conftest import load_state, peak_above_baseline, save_llama, tiny_llama_config
 from dtm_fast.cli import main as dtm
 from dtm_fast.errors import DtmError
 from dtm_fast.merge.config import MergeConfig, ModelInput
@@ -351,25 +351,19 @@ def test_refuses_an_adapter_of_another_shape(lora_family, tmp_path):
 # -- memory ----------------------------------------------------------------------------------------
 
 PEAK_SCRIPT = """
-import json, sys
+import sys
 from pathlib import Path
 from dtm_fast.merge.backends import select_backend
 from dtm_fast.merge.config import MergeConfig, ModelInput
 from dtm_fast.merge.engine import run_merge
 import dtm_fast.merge.lora_materialize  # imports before the baseline
 
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-
 base, first, second, budget, out = sys.argv[1:6]
 select_backend("reference")
-open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current resident size
-baseline = status("VmRSS")
+baseline = start_peak()
 run_merge(MergeConfig(method="linear", models=(ModelInput(Path(first)), ModelInput(Path(second))), output=Path(out),
                       base=Path(base), max_memory=int(budget), backend="reference"))
-print(json.dumps({"baseline": baseline, "peak": status("VmHWM")}))
+report_peak(baseline)
 """
 
 
@@ -386,9 +380,6 @@ def write_adapter(path: Path, module: str, a: torch.Tensor, b: torch.Tensor, alp
 
 
 def test_materialize_peak_memory_stays_within_budget_with_a_tensor_three_times_larger(tmp_path):
-    import subprocess
-    import sys
-
     from safetensors.torch import save_file
 
     module = "model.layers.0.mlp.down_proj"
@@ -401,10 +392,7 @@ def test_materialize_peak_memory_stays_within_budget_with_a_tensor_three_times_l
                (torch.randn(8, 4096, generator=generator), torch.randn(6144, 8, generator=generator), 4.0)]
     adapters = [write_adapter(tmp_path / f"a{i}", module, a, b, alpha) for i, (a, b, alpha) in enumerate(factors)]
     budget = 32 * 2**20
-    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / "base"), *map(str, adapters),
-                             str(budget), str(tmp_path / "out")], capture_output=True, text=True, check=True)
-    measured = json.loads(result.stdout.strip().splitlines()[-1])
-    above_baseline = measured["peak"] - measured["baseline"]
+    above_baseline = peak_above_baseline(PEAK_SCRIPT, tmp_path / "base", *adapters, budget, tmp_path / "out")
     assert above_baseline <= budget, f"peak {above_baseline / 2**20:.1f} MiB above baseline > 32 MiB budget"
     merged = load_state(tmp_path / "out")
     expected = weight + sum(0.5 * (alpha / 8) * (b @ a) for a, b, alpha in factors)

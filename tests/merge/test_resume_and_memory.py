@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_safetensors
+from conftest import peak_above_baseline, write_safetensors
 from dtm_fast.cli import main as dtm
 
 
@@ -83,27 +83,21 @@ def test_shard_index_processes_equal_single_process(many_shards, tmp_path):
 
 
 PEAK_SCRIPT = """
-import json, sys
+import sys
 from pathlib import Path
 import torch
 from dtm_fast.merge.config import MergeConfig, ModelInput
 from dtm_fast.merge.engine import run_merge
 import dtm_fast.merge.backends.reference, dtm_fast.merge.stream  # imports before the baseline
 
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-
 paths = [Path(p) for p in sys.argv[1:4]]
 method, budget, backend, out = sys.argv[4], int(sys.argv[5]), sys.argv[6], Path(sys.argv[7])
-open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current resident size
-baseline = status("VmRSS")
+baseline = start_peak()
 config = MergeConfig(method=method, models=(ModelInput(paths[1]), ModelInput(paths[2])), output=out,
                      base=paths[0], parameters={"density": 0.5} if method == "ties" else {},
                      max_memory=budget, backend=backend)
 run_merge(config)
-print(json.dumps({"baseline": baseline, "peak": status("VmHWM")}))
+report_peak(baseline)
 """
 
 
@@ -123,13 +117,8 @@ def big_tensor_models(tmp_path_factory):
 
 @pytest.mark.parametrize("method,backend", [("linear", "reference"), ("ties", "reference"), ("ties", "auto")])
 def test_peak_memory_stays_within_budget(big_tensor_models, tmp_path, method, backend):
-    import json
-
     budget = 32 * 2**20
-    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, *map(str, big_tensor_models), method, str(budget),
-                             backend, str(tmp_path / "out")], capture_output=True, text=True, check=True)
-    measured = json.loads(result.stdout.strip().splitlines()[-1])
-    above_baseline = measured["peak"] - measured["baseline"]
+    above_baseline = peak_above_baseline(PEAK_SCRIPT, *big_tensor_models, method, budget, backend, tmp_path / "out")
     assert above_baseline <= budget, f"peak {above_baseline / 2**20:.1f} MiB above baseline > 32 MiB budget"
     from safetensors import safe_open
 
