@@ -103,9 +103,11 @@ def map_library_code():
     MADV_POPULATE_READ = 22
     for line in open("/proc/self/maps"):
         fields = line.split()
-        if len(fields) >= 6 and ".so" in fields[5].rsplit("/", 1)[-1]:
+        if len(fields) >= 6 and fields[1].startswith("r") and ".so" in fields[5].rsplit("/", 1)[-1]:
             start, stop = (int(address, 16) for address in fields[0].split("-"))
-            libc.madvise(start, stop - start, MADV_POPULATE_READ)  # best effort: old kernels lack it
+            if libc.madvise(start, stop - start, MADV_POPULATE_READ) != 0:  # a kernel before 5.14
+                for page in range(start, stop, 4096):
+                    ctypes.string_at(page, 1)
 
 def start_peak():
     map_library_code()
