@@ -10,7 +10,7 @@ import logging
 import sys
 
 from dtm_fast import __version__
-from dtm_fast.errors import DtmError
+from dtm_fast.errors import debug_requested, run_guarded
 
 # (name, module, one-line help). Each module defines configure(parser) and run(args) -> int.
 COMMANDS = [
@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Disperse-Then-Merge instruction tuning and streaming model merging.",
     )
     parser.add_argument("--version", action="version", version=f"dtm_fast {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an internal error (anywhere on the command line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name, help_text in COMMANDS:
         module = importlib.import_module(module_name)
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    debug, argv = debug_requested(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -49,14 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(message)s",
     )
-    try:
-        return int(args._module.run(args) or 0)
-    except DtmError as error:
-        print(f"dtm {args.command}: error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"dtm {args.command}: interrupted; finished work is kept, rerun to continue", file=sys.stderr)
-        return 130
+    return run_guarded(args.command, lambda: args._module.run(args), argv, debug)
 
 
 if __name__ == "__main__":

@@ -6,24 +6,17 @@ import argparse
 import logging
 import sys
 
-from dtm_fast.errors import DtmError
+from dtm_fast.errors import debug_requested, run_guarded
 from dtm_fast.train import cli
 
 
 def main(argv: list[str] | None = None) -> int:
+    debug, argv = debug_requested(sys.argv[1:] if argv is None else list(argv))
     parser = argparse.ArgumentParser(prog="python -m dtm_fast.train", description="train one DTM sub-model")
     cli.configure(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    try:
-        return cli.run(args)
-    except DtmError as error:
-        print(f"dtm train: error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("dtm train: interrupted; the last complete checkpoint is kept (resume: true continues)",
-              file=sys.stderr)
-        return 130
+    return run_guarded("train", lambda: cli.run(args), argv, debug)
 
 
 if __name__ == "__main__":
