@@ -17,6 +17,8 @@ from pathlib import Path
 
 from dtm_fast.errors import DtmError
 
+MERGE_TOOL = "dtm merge"
+PROVENANCE_FILE = "dtm_merge.json"
 PARTIAL_SUFFIX = ".dtm-partial"
 PLAN_FILE = ".plan.json"
 COPIED_FILES = (
@@ -35,8 +37,9 @@ def prepare_partial(output: Path, fingerprint: dict, resume: bool, overwrite: bo
 
     shared=True is for one of several processes writing disjoint shards: an existing partial
     directory with the same fingerprint is joined instead of refused."""
-    if output.exists() and not overwrite:
-        raise DtmError(f"{output} already exists; choose another output or pass --overwrite")
+    from dtm_fast.io.owned_dir import check_replaceable
+
+    check_replaceable(output, MERGE_TOOL, overwrite, replace_own=False)
     partial = partial_dir(output)
     plan_path = partial / PLAN_FILE
     if partial.exists():
@@ -147,17 +150,11 @@ def copy_side_files(source: Path, partial: Path, dtype_name: str | None) -> list
 
 
 def publish(partial: Path, output: Path, overwrite: bool) -> None:
-    """Atomically move the finished directory into place (replacing `output` with --overwrite)."""
-    for leftover in list(partial.glob(".done-*.json")) + [partial / PLAN_FILE]:
+    """Move the finished directory into place. An earlier output is replaced only with --overwrite,
+    and then only the files dtm wrote into it are removed (io/owned_dir.py)."""
+    from dtm_fast.io.owned_dir import check_replaceable, publish as publish_owned
+
+    check_replaceable(output, MERGE_TOOL, overwrite, replace_own=False)
+    for leftover in list(partial.glob(".done-*.json")) + [partial / PLAN_FILE, partial / ".publishing"]:
         leftover.unlink(missing_ok=True)
-    if output.exists():
-        if not overwrite:
-            raise DtmError(f"{output} already exists; choose another output or pass --overwrite")
-        retired = output.with_name(output.name + ".dtm-replaced")
-        if retired.exists():
-            shutil.rmtree(retired)
-        os.replace(output, retired)
-        os.replace(partial, output)
-        shutil.rmtree(retired)
-    else:
-        os.replace(partial, output)
+    publish_owned(partial, output, MERGE_TOOL, marker=PROVENANCE_FILE)

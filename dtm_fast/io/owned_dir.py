@@ -89,8 +89,14 @@ def check_replaceable(output: Path, tool: str, overwrite: bool, replace_own: boo
     if output.exists() and not output.is_dir():
         raise DtmError(f"output {output} exists and is not a directory; choose a directory path")
     if not output.exists():
-        if output.parent.exists() and not output.parent.is_dir():
-            raise DtmError(f"output {output}: its parent {output.parent} is a file, not a directory")
+        ancestor = output.absolute().parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise DtmError(f"output {output}: {ancestor} is a file, not a directory")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise DtmError(f"output {output}: cannot create it, {ancestor} is not writable (read-only or "
+                           "permission denied); choose another location")
         return
     if not os.access(output, os.W_OK | os.X_OK):
         raise DtmError(f"output {output} is not writable by this user; choose another output directory")
@@ -101,11 +107,11 @@ def check_replaceable(output: Path, tool: str, overwrite: bool, replace_own: boo
     if record is not None and record[0] == tool and not foreign:
         if replace_own or overwrite:
             return
-        raise DtmError(f"{output} already holds an output of {tool}; pass --overwrite to replace it, or "
-                       "choose another output")
+        raise DtmError(f"{output} already exists and holds an output of {tool}; pass --overwrite to replace "
+                       "it, or choose another output")
     if not overwrite:
         what = f"an output of {record[0]} and " if record else ""
-        raise DtmError(f"{output} already holds {what}{len(foreign)} file(s) that {tool} did not write "
+        raise DtmError(f"{output} already exists and holds {what}{len(foreign)} file(s) that {tool} did not write "
                        f"(e.g. {foreign[0]}); choose a new or empty directory, or pass --overwrite to write "
                        "beside them (files dtm did not write are never deleted)")
 

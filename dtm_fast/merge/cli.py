@@ -65,7 +65,12 @@ def _parse_param(text: str):
     if "=" not in text:
         raise DtmError(f"--param {text!r}: expected NAME=VALUE")
     name, value = text.split("=", 1)
-    return name.strip(), yaml.safe_load(value)
+    try:
+        return name.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise DtmError(f"--param {text!r}: cannot read the value ({problem}); write a number, true/false, a "
+                       "list such as [0, 0.5, 1] or [{filter: mlp, value: 0.5}, {value: 1}]") from None
 
 
 def build_config(args: argparse.Namespace):

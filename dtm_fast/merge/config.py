@@ -9,6 +9,7 @@ of {filter, value} conditionals (the first whose filter is a substring of the te
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,11 @@ DEFAULT_MAX_SHARD = 5 * 1000**3
 
 def parse_size(text: str | int, what: str) -> int:
     """'512MiB', '5GB', '1.5GiB', '1000000' -> bytes."""
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise DtmError(f"{what}: expected a size such as 512MiB, got {text!r}")
     if isinstance(text, int):
+        if text <= 0:
+            raise DtmError(f"{what}: must be positive, got {text!r}")
         return text
     units = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
              "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4, "k": 1024, "m": 1024**2, "g": 1024**3, "b": 1}
@@ -39,9 +44,12 @@ def parse_size(text: str | int, what: str) -> int:
     else:
         number, scale = cleaned, 1
     try:
-        value = int(float(number) * scale)
+        amount = float(number)
     except ValueError:
-        raise DtmError(f"{what}: cannot read {text!r} as a size (examples: 512MiB, 4GiB, 5GB)") from None
+        amount = math.nan
+    if not math.isfinite(amount) or amount * scale >= 2**62:
+        raise DtmError(f"{what}: cannot read {text!r} as a size (examples: 512MiB, 4GiB, 5GB)")
+    value = int(amount * scale)
     if value <= 0:
         raise DtmError(f"{what}: must be positive, got {text!r}")
     return value
@@ -106,12 +114,14 @@ class MergeConfig:
                     value = model.parameters.get(param.name, self.parameters.get(param.name, param.default))
                     if value is REQUIRED:
                         raise DtmError(f"{self.source}: model {model.path} needs parameter {param.name!r}")
-                    _walk_values(value, lambda v: _check_value(param, v, f"{self.source}: model {model.path}"))
+                    where = f"{self.source}: model {model.path}"
+                    _walk_values(value, lambda v: _check_value(param, v, where), f"{where}: parameter {param.name!r}")
             else:
                 value = self.parameters.get(param.name, param.default)
                 if value is REQUIRED:
                     raise DtmError(f"{self.source}: {self.method} needs parameter {param.name!r}")
-                _walk_values(value, lambda v: _check_value(param, v, self.source))
+                _walk_values(value, lambda v: _check_value(param, v, self.source),
+                             f"{self.source}: parameter {param.name!r}")
 
     @property
     def method_impl(self) -> MergeMethod:
@@ -139,11 +149,28 @@ class MergeConfig:
         return TensorParams(values, per_model)
 
 
-def _walk_values(value: Any, visit) -> None:
-    """Apply `visit` to every leaf value of a scalar, gradient or list of conditionals."""
+def _walk_values(value: Any, visit, where: str) -> None:
+    """Apply `visit` to every leaf value of a scalar, gradient or list of conditionals, refusing
+    any other shape (a mapping where a value belongs, a conditional without its value)."""
     if isinstance(value, list):
+        if not value:
+            raise DtmError(f"{where}: an empty list is not a value")
         for item in value:
-            _walk_values(item["value"] if isinstance(item, dict) else item, visit)
+            if isinstance(item, dict):
+                if "value" not in item:
+                    raise DtmError(f"{where}: a conditional entry needs 'value' (and optionally 'filter'), "
+                                   f"got {item!r}")
+                unknown = set(item) - {"filter", "value"}
+                if unknown:
+                    raise DtmError(f"{where}: conditional entry has unsupported key(s) {sorted(map(str, unknown))}")
+                if not isinstance(item.get("filter", ""), (str, type(None))):
+                    raise DtmError(f"{where}: a conditional's 'filter' must be text, got {item['filter']!r}")
+                _walk_values(item["value"], visit, where)
+            else:
+                _walk_values(item, visit, where)
+    elif isinstance(value, dict):
+        raise DtmError(f"{where}: expected a value, a list of values or a list of {{filter, value}} entries, "
+                       f"got a mapping {value!r}")
     else:
         visit(value)
 
@@ -159,6 +186,10 @@ def _coerce(param: Param, value: Any, where: str) -> Any:
         return str(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise DtmError(f"{where}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise DtmError(f"{where}: must be a finite number, got {value!r}")
+    if param.kind is int and value != int(value):
+        raise DtmError(f"{where}: expected a whole number, got {value!r}")
     return param.kind(value)
 
 

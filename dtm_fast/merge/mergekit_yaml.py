@@ -49,7 +49,15 @@ def _models_from_slices(slices: Any, base_config_layers: int | None, where: str)
     unknown = set(slices[0]) - {"sources"}
     if unknown or not isinstance(sources, list) or not sources:
         raise DtmError(f"{where}: slices[0] must hold only 'sources' (found {sorted(slices[0])})")
-    ranges = {tuple(s.get("layer_range", ())) for s in sources if isinstance(s, dict)}
+    for index, source in enumerate(sources):
+        if not isinstance(source, dict):
+            raise DtmError(f"{where}: slices[0].sources[{index}] must be a mapping with 'model', got {source!r}")
+        layer_range = source.get("layer_range", [])
+        if (not isinstance(layer_range, list) or len(layer_range) not in (0, 2)
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in layer_range)):
+            raise DtmError(f"{where}: slices[0].sources[{index}].layer_range must be [first, end] (two whole "
+                           f"numbers), got {layer_range!r}")
+    ranges = {tuple(s.get("layer_range", ())) for s in sources}
     if len(ranges) != 1:
         raise DtmError(f"{where}: every source of the slice must use the same layer_range")
     (layer_range,) = ranges
@@ -70,14 +78,9 @@ def load_mergekit_yaml(path: Path, output: Path, **options) -> MergeConfig:
     (max_memory, backend, resume, ...)."""
     import json
 
-    import yaml
+    from dtm_fast.io.text_files import load_yaml
 
-    try:
-        document = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise DtmError(f"{path}{line}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    document = load_yaml(path, "mergekit config")
     if not isinstance(document, dict):
         raise DtmError(f"{path}: expected a mapping at the top level")
     where = str(path)
@@ -98,7 +101,9 @@ def load_mergekit_yaml(path: Path, output: Path, **options) -> MergeConfig:
     if "slices" in document:
         layers = None
         if base is not None and (base / "config.json").is_file():
-            layers = json.loads((base / "config.json").read_text()).get("num_hidden_layers")
+            from dtm_fast.io.checkpoint import load_json_object
+
+            layers = load_json_object(base / "config.json").get("num_hidden_layers")
         raw_models = _models_from_slices(document["slices"], layers, where)
     else:
         raw_models = document.get("models")
@@ -122,7 +127,7 @@ def load_mergekit_yaml(path: Path, output: Path, **options) -> MergeConfig:
     out_dtype = document.get("out_dtype") or document.get("dtype")
     dtype = None
     if out_dtype is not None:
-        if out_dtype not in DTYPE_NAMES:
+        if not isinstance(out_dtype, str) or out_dtype not in DTYPE_NAMES:
             raise DtmError(f"{where}: dtype {out_dtype!r} not supported; use bfloat16, float16 or float32")
         dtype = DTYPE_NAMES[out_dtype]
     parameters = _strip_merge_only(document.get("parameters") or {}, where)
