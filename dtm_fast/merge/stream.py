@@ -233,6 +233,8 @@ class ChunkIO:
 class TensorStream:
     """The chunks of one tensor across all inputs, for a method's statistics and combine passes."""
 
+    holds_whole_tensor = False  # see in_memory.WholeTensorStream
+
     def __init__(self, context: TensorContext, backend, base: TensorEntry | None, models: Sequence[TensorEntry],
                  fishers: Sequence[TensorEntry], io: ChunkIO, chunk_elements: int, out_dtype: str,
                  out_fd: int | None, out_offset: int):

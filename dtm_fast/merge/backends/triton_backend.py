@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from dtm_fast.errors import DtmError
+from dtm_fast.merge.backends import interpreting
 from dtm_fast.merge.backends.reference import (
     GtaSpec, ReferenceBackend, Sparsify, model_stock_ratio, slerp_coefficients_from_products,
 )
@@ -36,10 +36,6 @@ CAPACITY_STEP = 1 << 16  # device buffers grow in these steps, so a short last c
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # index = the kernels' dtype code
 SPARSIFY_CODES = {"none": 0, "band": 1, "random": 2}
 CONSENSUS_CODES = {None: 0, "sum": 1, "count": 2}
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def unavailable_reason() -> str | None:
@@ -89,10 +85,13 @@ class _DeviceBuffers:
         return self._tensors[role]
 
 
-class TritonBackend:
+class TritonBackend(ReferenceBackend):
+    """Chunks arrive as torch views of the (pinned) host buffers: the inherited `view`."""
+
     name = "triton"
     wants_pinned_buffers = True  # cleared under the interpreter, where nothing is copied to a GPU
-    view = ReferenceBackend.view  # chunks arrive as torch views of the (pinned) host buffers
+    accelerated = frozenset({"linear", "gta", "model_stock_combine", "model_stock_rows", "slerp_rows", "fisher",
+                             "abs_delta_histogram", "abs_delta_select", "masked_l1", "delta_gram"})
 
     def __init__(self, device: str | torch.device | None = None):
         from dtm_fast.merge.backends import triton_kernels  # imports triton: only once the backend is used

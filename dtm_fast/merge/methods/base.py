@@ -1,5 +1,6 @@
-"""What a merge method is: its parameters, a whole-tensor plain-torch reference (the definition),
-and a streaming merge built from backend chunk operations that must equal the reference.
+"""What a merge method is: its parameters and a streaming merge built from backend chunk operations.
+Its reference (the definition every backend and chunking is tested against) is the same merge run
+on whole in-memory tensors with the reference backend.
 
 Parameters are values, never code. A parameter is either shared by all models ("global") or given
 per model ("model"); mergekit-style per-tensor gradients and filters are resolved to plain numbers
@@ -84,7 +85,7 @@ class TensorContext:
 
 
 class MergeMethod(ABC):
-    """Base class: subclasses set the class attributes and implement reference() and merge()."""
+    """Base class: subclasses set the class attributes and implement merge()."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -117,10 +118,13 @@ class MergeMethod(ABC):
     def check_params(self, params: TensorParams, where: str) -> None:
         """Method-specific checks across parameters (ranges are checked per Param)."""
 
-    @abstractmethod
     def reference(self, params: TensorParams, base: "torch.Tensor | None", models: Sequence["torch.Tensor"],
                   context: TensorContext, fishers: Sequence["torch.Tensor"] = ()) -> "torch.Tensor":
-        """The definition: fp32 result for whole in-memory tensors."""
+        """The definition: the fp32 result for whole in-memory tensors, which is this method's own
+        merge() run on them as one chunk with the reference backend (so its math exists once)."""
+        from dtm_fast.merge.in_memory import merge_whole
+
+        return merge_whole(self, params, base, models, context, fishers)
 
     @abstractmethod
     def merge(self, params: TensorParams, stream: "TensorStream") -> None:
