@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dtm_fast.merge.budget import DEFAULT_MAX_MEMORY_TEXT
+
 PARAMETER_OPTIONS = {  # CLI shortcut -> method parameter (per model when given several values)
     "weights": "weight", "density": "density", "gamma": "gamma",
 }
@@ -38,8 +40,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="any other method parameter, e.g. --param filter_wise=true")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="output dtype (default: input's)")
-    parser.add_argument("--max-memory", default="512MiB",
-                        help="memory budget for buffers and workspace (default 512MiB); any model size fits")
+    parser.add_argument("--max-memory", default=DEFAULT_MAX_MEMORY_TEXT,
+                        help=f"memory budget for buffers and workspace (default {DEFAULT_MAX_MEMORY_TEXT}); any model "
+                             "size fits")
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     parser.add_argument("--backend", default="auto", choices=("auto", "reference", "cpu", "triton"))
     parser.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks")
@@ -48,6 +51,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="accept .bin pickle checkpoints (loaded with torch.load(weights_only=True))")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted merge of the same inputs")
+    parser.add_argument("--verify-inputs", action="store_true",
+                        help="hash every input file (slow: reads them once more) so that --resume and dtm_merge.json "
+                             "identify inputs by content, not only by file identity and modification time")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first NaN or infinity in an input (default: merge and report them)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--shard-index", type=int, default=0, help="this process's share of the output shards")
     parser.add_argument("--num-shards", type=int, default=1, help="number of processes sharing the output shards")
@@ -81,7 +89,7 @@ def build_config(args: argparse.Namespace):
                    max_shard_size=parse_size(args.max_shard_size, "--max-shard-size"),
                    backend=args.backend, seed=args.seed, lora_mode=args.lora_mode, allow_pickle=args.allow_pickle,
                    resume=args.resume, overwrite=args.overwrite, shard_index=args.shard_index,
-                   num_shards=args.num_shards)
+                   num_shards=args.num_shards, verify_inputs=args.verify_inputs, strict=args.strict)
     if args.inputs and args.inputs[0].endswith((".yml", ".yaml")):
         from dtm_fast.merge.mergekit_yaml import load_mergekit_yaml
 

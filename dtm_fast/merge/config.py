@@ -21,8 +21,9 @@ DTYPE_NAMES = {
     "bfloat16": "BF16", "bf16": "BF16", "float16": "F16", "fp16": "F16", "half": "F16",
     "float32": "F32", "fp32": "F32", "float": "F32",
 }
+from dtm_fast.merge.budget import DEFAULT_MAX_MEMORY  # noqa: E402 - the one default budget
+
 LORA_MODES = ("exact-concat", "materialize", "factor-average")
-DEFAULT_MAX_MEMORY = 512 * 1024**2
 DEFAULT_MAX_SHARD = 5 * 1000**3
 
 
@@ -79,6 +80,8 @@ class MergeConfig:
     overwrite: bool = False
     shard_index: int = 0
     num_shards: int = 1
+    verify_inputs: bool = False  # also hash every input file's content for the resume check and provenance
+    strict: bool = False  # a NaN or infinity in any input stops the merge
     source: str = "command line"  # where the values came from, for error messages
 
     def __post_init__(self):

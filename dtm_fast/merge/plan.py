@@ -123,14 +123,3 @@ def plan_output(reference: Checkpoint, out_dtype: str | None, max_shard_bytes: i
         size = len(header) + (offsets[-1][1] if offsets else 0)
         shards.append(PlannedShard(filename, header, size, tensors))
     return OutputPlan(tuple(shards), max(layers) + 1 if layers else None)
-
-
-def check_output_path(output: Path, inputs: Sequence[Path]) -> None:
-    """Refuse an output that is, or is inside, or contains an input: inputs are never written."""
-    target = output.resolve()
-    for source in inputs:
-        source = source.resolve()
-        inside_input = source.is_dir() and target.is_relative_to(source)
-        if target == source or inside_input or source.is_relative_to(target):
-            raise DtmError(f"output {output} is, or is inside, or contains the input {source}; "
-                           "choose an output directory outside every input")

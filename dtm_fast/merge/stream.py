@@ -35,7 +35,9 @@ import numpy as np
 from dtm_fast.io.output import start_writeback
 from dtm_fast.errors import DtmError
 from dtm_fast.io.safetensors_format import DTYPE_SIZES, TensorEntry, read_exact, write_exact
+from dtm_fast.merge.budget import FAULT_AROUND_BYTES  # a PMD: the largest page-cache folio a fault maps whole
 from dtm_fast.merge.methods.base import TensorContext
+from dtm_fast.merge.nonfinite import NonFiniteCounts
 
 
 @dataclass
@@ -92,7 +94,6 @@ class Buffers:
 
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; Python names it from 3.13
-FAULT_AROUND_BYTES = 2 << 20  # a PMD: the largest page-cache folio a fault maps whole (fault-around is 64 KiB)
 
 
 class FileCache:
@@ -148,8 +149,9 @@ class ChunkIO:
     their writes running behind. Not thread-safe: one consumer (the merge loop) drives it."""
 
     def __init__(self, buffers: Buffers, files: FileCache, reader: ThreadPoolExecutor, writer: ThreadPoolExecutor,
-                 on_written: Callable[[int], None], mapped: bool = False):
+                 on_written: Callable[[int], None], mapped: bool = False, nonfinite: NonFiniteCounts | None = None):
         self.buffers = buffers
+        self.nonfinite = nonfinite if nonfinite is not None else NonFiniteCounts(strict=False)
         self.mapped = mapped  # inputs are views of the mapped files, not copies in buffers
         self.files = files
         self.reader = reader
@@ -279,6 +281,7 @@ class TensorStream:
             else:
                 raw = self.buffers.inputs[slot][index][: count * size]
                 read_exact(self.files.fd(entry.path), memoryview(raw), entry.offset + start * size, entry.path)
+            self.io.nonfinite.check(id(self), self.context.name, str(entry.path), start, raw, entry.dtype)
             raws.append(raw)
             views.append(self.view(raw, entry.dtype))
         base = views.pop(0) if self.base_entry is not None else None

@@ -234,7 +234,7 @@ def test_factor_average_warning_is_shown(lora_family, tmp_path, capsys):
 
 
 def test_small_budget_gives_the_same_bytes_as_a_large_one(lora_family, tmp_path, monkeypatch):
-    from dtm_fast.merge import lora_materialize
+    from dtm_fast.merge.lora import materialize as lora_materialize
 
     reads = []
     original = lora_materialize.LoraTensorStream.read
@@ -356,7 +356,7 @@ from pathlib import Path
 from dtm_fast.merge.backends import select_backend
 from dtm_fast.merge.config import MergeConfig, ModelInput
 from dtm_fast.merge.engine import run_merge
-import dtm_fast.merge.lora_materialize  # imports before the baseline
+import dtm_fast.merge.lora.materialize  # imports before the baseline
 
 base, first, second, budget, out = sys.argv[1:6]
 select_backend("reference")
