@@ -30,8 +30,18 @@ MAX_TENSORS_PER_FILE = 200_000
 HEADER_ALIGNMENT = 8
 
 
+class Shaped:
+    """Element count of anything with a `shape` (tensor entries, planned tensors, merge contexts)."""
+
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
 @dataclass(frozen=True)
-class TensorEntry:
+class TensorEntry(Shaped):
     """Where one tensor's bytes live on disk."""
 
     name: str
@@ -40,10 +50,6 @@ class TensorEntry:
     path: Path
     offset: int  # absolute byte offset of the first element in the file
     nbytes: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
     @property
     def itemsize(self) -> int:

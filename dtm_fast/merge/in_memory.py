@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from dtm_fast.merge.methods.base import TensorContext
-from dtm_fast.merge.stream import Chunk
+from dtm_fast.merge.chunk import Chunk, TensorContext
 
 if TYPE_CHECKING:
     import torch

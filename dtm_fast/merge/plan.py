@@ -11,14 +11,14 @@ from typing import Sequence
 
 from dtm_fast.errors import DtmError
 from dtm_fast.io.checkpoint import Checkpoint
-from dtm_fast.io.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, TensorEntry, encode_header
+from dtm_fast.io.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, Shaped, TensorEntry, encode_header
 
 EMBEDDING_HINT = re.compile(r"(embed_tokens|wte|word_embeddings|lm_head|embed_out|output)\.weight$")
 LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
 @dataclass(frozen=True)
-class PlannedTensor:
+class PlannedTensor(Shaped):
     name: str
     shape: tuple[int, ...]
     out_dtype: str
@@ -26,13 +26,6 @@ class PlannedTensor:
     shard: int
     offset: int  # absolute offset in the shard file
     layer_index: int | None
-
-    @property
-    def numel(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count
 
     @property
     def nbytes(self) -> int:

@@ -23,7 +23,8 @@ from dtm_fast.io import output as out_io
 from dtm_fast.io.safetensors_format import DTYPE_SIZES
 from dtm_fast.merge.budget import ChunkNeeds, streaming_chunk, whole_rows
 from dtm_fast.merge.config import MergeConfig
-from dtm_fast.merge.methods.base import TensorContext, TensorParams
+from dtm_fast.merge.chunk import TensorContext
+from dtm_fast.merge.methods.base import TensorParams
 from dtm_fast.merge.plan import OutputPlan, PlannedShard, PlannedTensor, plan_output
 
 if TYPE_CHECKING:

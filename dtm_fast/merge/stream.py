@@ -35,34 +35,9 @@ import numpy as np
 from dtm_fast.io.output import start_writeback
 from dtm_fast.errors import DtmError
 from dtm_fast.io.safetensors_format import DTYPE_SIZES, TensorEntry, read_exact, write_exact
-from dtm_fast.merge.budget import FAULT_AROUND_BYTES  # a PMD: the largest page-cache folio a fault maps whole
-from dtm_fast.merge.methods.base import TensorContext
+from dtm_fast.merge.budget import FAULT_AROUND_BYTES
+from dtm_fast.merge.chunk import Chunk, TensorContext
 from dtm_fast.merge.nonfinite import NonFiniteCounts
-
-
-@dataclass
-class Chunk:
-    start: int  # flat index of the first element
-    count: int
-    base: Any | None  # typed views of the inputs, as the backend takes them
-    models: list
-    fishers: list
-    inputs_raw: list[np.ndarray] = field(default_factory=list)  # the same inputs' bytes, base first
-    out: Any | None = None
-    out_raw: np.ndarray | None = None
-    mapped: list[tuple[mmap.mmap, int, int]] = field(default_factory=list)  # (map, start, length) held in memory
-
-    def release(self) -> None:
-        """Drop mapped input pages from this process (they stay in the page cache). The range is
-        widened by the kernel's fault-around window on both sides: populating a range also maps up
-        to that much of its neighbours, which would otherwise stay mapped (and counted) until the
-        merge ends. A neighbouring chunk still in use just faults those few pages in again."""
-        for mapping, start, length in self.mapped:
-            if not mapping.closed:
-                first = max(0, start - FAULT_AROUND_BYTES)
-                last = min(len(mapping), start + length + FAULT_AROUND_BYTES)
-                mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
-        self.mapped = []
 
 
 class Buffers:

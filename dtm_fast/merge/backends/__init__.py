@@ -9,28 +9,13 @@ else reference. Whether a GPU is present is decided from the device files, witho
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
 
 from dtm_fast.errors import DtmError
+from dtm_fast.merge.backends.devices import gpu_may_be_present, interpreting
 
 log = logging.getLogger(__name__)
 BACKEND_NAMES = ("auto", "reference", "cpu", "triton")
-GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia[0-9]*", "/dev/kfd")  # NVIDIA, and ROCm's compute device
-
-
-def interpreting() -> bool:
-    """Triton kernels run on CPU tensors through Triton's interpreter (tests without a GPU)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def gpu_may_be_present() -> bool:
-    """False when this machine certainly has no usable GPU: no device files, or none made visible."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return False
-    return any(glob.glob(pattern) for pattern in GPU_DEVICE_FILES)
 
 
 def select_backend(name: str = "auto"):

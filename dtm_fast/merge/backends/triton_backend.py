@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from dtm_fast.errors import DtmError
-from dtm_fast.merge.backends import interpreting
+from dtm_fast.merge.backends.devices import interpreting
 from dtm_fast.merge.backends.reference import (
     GtaSpec, ReferenceBackend, Sparsify, model_stock_ratio, slerp_coefficients_from_products,
 )
@@ -119,6 +119,12 @@ class TritonBackend(ReferenceBackend):
         # FMA contraction off: the reference rounds every product and sum separately
         kernel[grid](*args, enable_fp_fusion=False, **constexprs)
 
+    def _run_elementwise(self, out: torch.Tensor, work) -> None:
+        """Run work(count) for an operation that fills `out` (nothing to do for an empty chunk)."""
+        count = out.numel()
+        if count:
+            self._run(lambda: work(count))
+
     def _run(self, work):
         """Run `work()` (copies in, kernels, copies out) on the backend's stream and wait for it."""
         if not self.on_cuda:
@@ -142,6 +148,12 @@ class TritonBackend(ReferenceBackend):
                 raise ValueError(f"chunk inputs differ in length: {tensor.numel()} != {count}")
             buffer[row, :count].copy_(tensor, non_blocking=True)
         return kernel_view(buffer), dtype_code(dtype)
+
+    def _stage_base_models(self, base: torch.Tensor, models: Sequence[torch.Tensor], count: int):
+        """(base buffer, its dtype code, models buffer, their dtype code) on the device."""
+        staged_base, base_kind = self._stage("base", [base], count)
+        staged, model_kind = self._stage("models", models, count)
+        return staged_base, base_kind, staged, model_kind
 
     def _output(self, out: torch.Tensor) -> tuple[torch.Tensor, int]:
         dtype = out.dtype if dtype_code(out.dtype) is not None else torch.float32
@@ -169,11 +181,8 @@ class TritonBackend(ReferenceBackend):
 
     # -- combines --------------------------------------------------------------------------------------
     def linear(self, out: torch.Tensor, models: Sequence[torch.Tensor], coefficients: Sequence[float]) -> None:
-        count = out.numel()
-        if count == 0:
-            return
 
-        def work():
+        def work(count: int) -> None:
             staged, model_kind = self._stage("models", models, count)
             result, out_kind = self._output(out)
             coefficient_tensor = self._parameter_tensor([float(c) for c in coefficients], torch.float32)
@@ -182,13 +191,10 @@ class TritonBackend(ReferenceBackend):
                          K=len(models), MODEL_KIND=model_kind, OUT_KIND=out_kind, BLOCK=BLOCK)
             self._finish(out, result)
 
-        self._run(work)
+        self._run_elementwise(out, work)
 
     def gta(self, out: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor], spec: GtaSpec,
             start: int) -> None:
-        count = out.numel()
-        if count == 0:
-            return
         if spec.consensus not in CONSENSUS_CODES:
             raise ValueError(f"unknown consensus {spec.consensus!r}")
         kinds = 0
@@ -200,9 +206,8 @@ class TritonBackend(ReferenceBackend):
         divisor = 1.0 if abs(total) < 1e-8 else total
         float_params = [*spec.weights, *(rule.scale for rule in spec.sparsify), spec.lambda_, divisor]
 
-        def work():
-            staged_base, base_kind = self._stage("base", [base], count)
-            staged, model_kind = self._stage("models", models, count)
+        def work(count: int) -> None:
+            staged_base, base_kind, staged, model_kind = self._stage_base_models(base, models, count)
             result, out_kind = self._output(out)
             self._launch(self.kernels.gta_kernel, self._grid(count), kernel_view(result), staged_base, staged,
                          staged.stride(0), self._rule_parameters(spec.sparsify),
@@ -212,7 +217,7 @@ class TritonBackend(ReferenceBackend):
                          OUT_KIND=out_kind, BLOCK=BLOCK)
             self._finish(out, result)
 
-        self._run(work)
+        self._run_elementwise(out, work)
 
     def _rule_parameters(self, rules: Sequence[Sparsify]) -> torch.Tensor:
         values = []
@@ -222,35 +227,27 @@ class TritonBackend(ReferenceBackend):
 
     def model_stock_combine(self, out: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor],
                             ratio: float) -> None:
-        count = out.numel()
-        if count == 0:
-            return
 
-        def work():
-            staged_base, base_kind = self._stage("base", [base], count)
-            staged, model_kind = self._stage("models", models, count)
+        def work(count: int) -> None:
+            staged_base, base_kind, staged, model_kind = self._stage_base_models(base, models, count)
             # fp32 t, and fp32 (1 - t) rounded from float64 as torch rounds the Python scalar
             self._model_stock(out, staged_base, base_kind, staged, model_kind, len(models),
                               self._parameter_tensor([ratio], torch.float32), float(1 - ratio), row_length=0)
 
-        self._run(work)
+        self._run_elementwise(out, work)
 
     def model_stock_rows(self, out: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor],
                          row_length: int) -> None:
-        count = out.numel()
-        if count == 0:
-            return
 
-        def work():
+        def work(count: int) -> None:
             rows = count // row_length
-            staged_base, base_kind = self._stage("base", [base], count)
-            staged, model_kind = self._stage("models", models, count)
+            staged_base, base_kind, staged, model_kind = self._stage_base_models(base, models, count)
             gram = self._row_gram(staged, model_kind, len(models), staged_base, base_kind, count, row_length)
             ratios = model_stock_ratio(gram[:rows]).float()  # (rows,)
             self._model_stock(out, staged_base, base_kind, staged, model_kind, len(models), ratios, 0.0,
                               row_length=row_length)
 
-        self._run(work)
+        self._run_elementwise(out, work)
 
     def _model_stock(self, out, staged_base, base_kind, staged, model_kind, model_count, ratios, complement,
                      row_length):
@@ -266,11 +263,8 @@ class TritonBackend(ReferenceBackend):
 
     def slerp_rows(self, out: torch.Tensor, first: torch.Tensor, second: torch.Tensor, row_length: int,
                    t: float) -> None:
-        count = out.numel()
-        if count == 0:
-            return
 
-        def work():
+        def work(count: int) -> None:
             rows = count // row_length
             staged, kind = self._stage("models", [first, second], count)
             gram = self._row_gram(staged, kind, 2, None, 0, count, row_length)[:rows]  # (rows, 2, 2)
@@ -282,15 +276,12 @@ class TritonBackend(ReferenceBackend):
                          BLOCK=BLOCK)
             self._finish(out, result)
 
-        self._run(work)
+        self._run_elementwise(out, work)
 
     def fisher(self, out: torch.Tensor, models: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor],
                weights: Sequence[float], epsilon: float) -> None:
-        count = out.numel()
-        if count == 0:
-            return
 
-        def work():
+        def work(count: int) -> None:
             staged, model_kind = self._stage("models", models, count)
             staged_fishers, fisher_kind = self._stage("fishers", fishers, count)
             result, out_kind = self._output(out)
@@ -300,7 +291,7 @@ class TritonBackend(ReferenceBackend):
                          MODEL_KIND=model_kind, FISHER_KIND=fisher_kind, OUT_KIND=out_kind, BLOCK=BLOCK)
             self._finish(out, result)
 
-        self._run(work)
+        self._run_elementwise(out, work)
 
     # -- statistics ------------------------------------------------------------------------------------
     def abs_delta_histogram(self, base: torch.Tensor, model: torch.Tensor, histogram: torch.Tensor,
@@ -310,8 +301,7 @@ class TritonBackend(ReferenceBackend):
             return
 
         def work():
-            staged_base, base_kind = self._stage("base", [base], count)
-            staged, model_kind = self._stage("models", [model], count)
+            staged_base, base_kind, staged, model_kind = self._stage_base_models(base, [model], count)
             counts = self.buffers.get("histogram", 1, BINS, torch.int64)[0, :BINS]
             counts.zero_()
             self._launch(self.kernels.abs_delta_histogram_kernel, self._grid(count), counts, staged_base, staged,
@@ -331,8 +321,7 @@ class TritonBackend(ReferenceBackend):
             return [(0, 0)] * len(models)
 
         def work():
-            staged_base, base_kind = self._stage("base", [base], count)
-            staged, model_kind = self._stage("models", models, count)
+            staged_base, base_kind, staged, model_kind = self._stage_base_models(base, models, count)
             keys = self.buffers.get("keys", 1, count, torch.int32)[0, :count]
             results = []
             for row, ((low, high), target) in enumerate(zip(ranges, collected)):
@@ -354,8 +343,7 @@ class TritonBackend(ReferenceBackend):
             raise ValueError(f"unknown sparsification {rule.kind!r}")
 
         def work():
-            staged_base, base_kind = self._stage("base", [base], count)
-            staged, model_kind = self._stage("models", [model], count)
+            staged_base, base_kind, staged, model_kind = self._stage_base_models(base, [model], count)
             programs = self._grid(count)[0]
             partials = self.buffers.get("partials", 1, 2 * programs, torch.float64)[0, :2 * programs]
             self._launch(self.kernels.masked_l1_kernel, (programs,), partials, staged_base, staged,
@@ -372,8 +360,7 @@ class TritonBackend(ReferenceBackend):
             return torch.zeros((len(models), len(models)), dtype=torch.float64).numpy()
 
         def work():
-            staged_base, base_kind = self._stage("base", [base], count)
-            staged, model_kind = self._stage("models", models, count)
+            staged_base, base_kind, staged, model_kind = self._stage_base_models(base, models, count)
             partial = self._row_gram(staged, model_kind, len(models), staged_base, base_kind, count, GRAM_SEGMENT)
             return partial.sum(0).cpu()
 

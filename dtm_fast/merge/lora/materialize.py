@@ -21,13 +21,13 @@ import torch
 from dtm_fast.errors import DtmError
 from dtm_fast.io.safetensors_format import DTYPE_SIZES, read_exact
 from dtm_fast.merge.budget import MIN_CHUNK_ELEMENTS, ChunkNeeds
+from dtm_fast.merge.chunk import Chunk, TensorContext
 from dtm_fast.merge.config import MergeConfig
 from dtm_fast.merge.host_array import torch_dtype
 from dtm_fast.merge.lora.adapters import LoraAdapter, LoraModule, read_factor
-from dtm_fast.merge.methods.base import TensorContext
 from dtm_fast.merge.plan import PlannedShard, plan_output
 from dtm_fast.merge.sources import MergeSource, TensorWork, resolve_params
-from dtm_fast.merge.stream import Chunk, TensorStream
+from dtm_fast.merge.stream import TensorStream
 
 if TYPE_CHECKING:
     from dtm_fast.merge.inputs import Inputs

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 from dtm_fast.errors import DtmError
+from dtm_fast.merge.chunk import TensorContext  # noqa: F401 - part of a method's interface
 
 if TYPE_CHECKING:
     import torch
@@ -61,27 +62,6 @@ class TensorParams:
 
     def model(self, name: str) -> tuple[Any, ...]:
         return self.per_model[name]
-
-
-@dataclass(frozen=True)
-class TensorContext:
-    """What a method may know about the tensor being merged."""
-
-    name: str
-    shape: tuple[int, ...]
-    seed: int
-
-    @property
-    def numel(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count
-
-    @property
-    def row_length(self) -> int:
-        """Elements per row along the leading axis (1 for vectors and scalars)."""
-        return self.numel // self.shape[0] if len(self.shape) >= 2 and self.shape[0] else 1
 
 
 class MergeMethod(ABC):
