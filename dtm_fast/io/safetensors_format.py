@@ -17,12 +17,7 @@ from pathlib import Path
 
 from dtm_fast.errors import DtmError
 
-# safetensors dtype tag -> bytes per element
-DTYPE_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+from dtm_fast.io.dtypes import DTYPE_SIZES, FLOAT_DTYPES  # noqa: F401 - re-exported, the one dtype table
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 # More tensor entries than any real checkpoint file holds (a 671B MoE spreads ~92k over 163 files);
 # parsing stops there, so a crafted header cannot make the parser hold millions of entries.

@@ -82,26 +82,25 @@ def _parse_param(text: str):
 
 
 def build_config(args: argparse.Namespace):
+    """The command line as MergeConfig.from_dict values (a mergekit YAML's, with these options on top)."""
     from dtm_fast.errors import DtmError
-    from dtm_fast.merge.config import DTYPE_NAMES, MergeConfig, ModelInput, parse_size
+    from dtm_fast.merge.config import MergeConfig, parse_size
 
+    # sizes are parsed here only to name the option in errors as the user typed it
     options = dict(max_memory=parse_size(args.max_memory, "--max-memory"),
-                   max_shard_size=parse_size(args.max_shard_size, "--max-shard-size"),
-                   backend=args.backend, seed=args.seed, lora_mode=args.lora_mode, allow_pickle=args.allow_pickle,
-                   resume=args.resume, overwrite=args.overwrite, shard_index=args.shard_index,
-                   num_shards=args.num_shards, verify_inputs=args.verify_inputs, strict=args.strict)
+                   max_shard_size=parse_size(args.max_shard_size, "--max-shard-size"), backend=args.backend,
+                   seed=args.seed, lora_mode=args.lora_mode, allow_pickle=args.allow_pickle, resume=args.resume,
+                   overwrite=args.overwrite, shard_index=args.shard_index, num_shards=args.num_shards,
+                   verify_inputs=args.verify_inputs, strict=args.strict)
+    if args.dtype:
+        options["dtype"] = args.dtype
     if args.inputs and args.inputs[0].endswith((".yml", ".yaml")):
         from dtm_fast.merge.mergekit_yaml import load_mergekit_yaml
 
         if len(args.inputs) > 2 or (len(args.inputs) == 1 and args.output is None):
             raise DtmError("with a YAML config, give exactly: dtm merge CONFIG.yml OUT")
         output = Path(args.inputs[1]) if len(args.inputs) == 2 else args.output
-        config = load_mergekit_yaml(Path(args.inputs[0]), output, **options)
-        if args.dtype:
-            from dataclasses import replace
-
-            config = replace(config, dtype=DTYPE_NAMES[args.dtype])
-        return config
+        return load_mergekit_yaml(Path(args.inputs[0]), output, **options)
     if not args.inputs:
         raise DtmError("no models given; see dtm merge --help")
     if args.output is None:
@@ -126,9 +125,9 @@ def build_config(args: argparse.Namespace):
     for text in args.param:
         name, value = _parse_param(text)
         shared[name] = value
-    return MergeConfig(method=args.method, models=tuple(ModelInput(Path(p), m) for p, m in zip(args.inputs, per_model)),
-                       output=args.output, base=args.base, parameters=shared,
-                       dtype=DTYPE_NAMES[args.dtype] if args.dtype else None, **options)
+    return MergeConfig.from_dict({
+        "method": args.method, "models": [{"path": path, "parameters": params} for path, params in zip(args.inputs, per_model)],
+        "output": args.output, "base": args.base, "parameters": shared, **options})
 
 
 def list_methods() -> int:

@@ -10,20 +10,19 @@ of {filter, value} conditionals (the first whose filter is a substring of the te
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from dtm_fast.errors import DtmError
+from dtm_fast.io.dtypes import NAME_TO_TAG as DTYPE_NAMES  # user-facing name -> safetensors tag
+from dtm_fast.merge.budget import DEFAULT_MAX_MEMORY  # the one default budget
 from dtm_fast.merge.methods.base import REQUIRED, MergeMethod, Param, TensorParams
 
-DTYPE_NAMES = {
-    "bfloat16": "BF16", "bf16": "BF16", "float16": "F16", "fp16": "F16", "half": "F16",
-    "float32": "F32", "fp32": "F32", "float": "F32",
-}
-from dtm_fast.merge.budget import DEFAULT_MAX_MEMORY  # noqa: E402 - the one default budget
-
 LORA_MODES = ("exact-concat", "materialize", "factor-average")
+BACKENDS = ("auto", "reference", "cpu", "triton")
+BOOLEAN_SETTINGS = ("allow_pickle", "resume", "overwrite", "verify_inputs", "strict")
+INTEGER_SETTINGS = ("seed", "shard_index", "num_shards")
 DEFAULT_MAX_SHARD = 5 * 1000**3
 
 
@@ -126,6 +125,48 @@ class MergeConfig:
                 _walk_values(value, lambda v: _check_value(param, v, self.source),
                              f"{self.source}: parameter {param.name!r}")
 
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "command line") -> "MergeConfig":
+        """The one way a merge configuration is built: from plain values, as the command line, a
+        `dtm run` config or a mergekit YAML gives them. Sizes are parsed here ("2GiB"), types are
+        checked, and every error names the setting. `models` holds paths, or mappings with `path`
+        (or mergekit's `model`) and `parameters`."""
+        allowed = {f.name for f in fields(cls)} - {"source"}
+        unknown = sorted(str(key) for key in values if key not in allowed)
+        if unknown:
+            raise DtmError(f"{source}: unknown merge setting(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+        for required in ("method", "models", "output"):
+            if values.get(required) in (None, "", [], ()):
+                raise DtmError(f"{source}: the merge needs '{required}'")
+        settings: dict[str, Any] = {"source": source}
+        for name, value in values.items():
+            where = f"{source}: {name}"
+            if name in ("method", "backend", "lora_mode"):
+                settings[name] = _text(value, where)
+            elif name in ("output", "base"):
+                settings[name] = None if value is None else Path(_text(value, where)).expanduser()
+            elif name == "models":
+                settings[name] = _models(value, where)
+            elif name == "parameters":
+                if not isinstance(value, Mapping):
+                    raise DtmError(f"{where}: expected a mapping of parameter names to values, got {value!r}")
+                settings[name] = {str(k): v for k, v in value.items()}
+            elif name == "dtype":
+                settings[name] = None if value is None else _dtype_tag(value, where)
+            elif name in ("max_memory", "max_shard_size"):
+                settings[name] = parse_size(value, where)
+            elif name in BOOLEAN_SETTINGS:
+                if not isinstance(value, bool):
+                    raise DtmError(f"{where}: expected true or false, got {value!r}")
+                settings[name] = value
+            elif name in INTEGER_SETTINGS:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise DtmError(f"{where}: expected a whole number, got {value!r}")
+                settings[name] = value
+        if settings.get("backend", "auto") not in BACKENDS:
+            raise DtmError(f"{source}: backend: {settings['backend']!r} is not one of {', '.join(BACKENDS)}")
+        return cls(**settings)
+
     @property
     def method_impl(self) -> MergeMethod:
         from dtm_fast.merge.methods import METHODS
@@ -150,6 +191,45 @@ class MergeConfig:
                                                  tensor_name, t, where), where)
                     for m in self.models)
         return TensorParams(values, per_model)
+
+
+def _text(value: Any, where: str) -> str:
+    if isinstance(value, Path):
+        return str(value)
+    if not isinstance(value, str) or not value:
+        raise DtmError(f"{where}: expected text, got {value!r}")
+    return value
+
+
+def _models(value: Any, where: str) -> tuple[ModelInput, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise DtmError(f"{where}: expected a list of models, got {value!r}")
+    models = []
+    for index, item in enumerate(value):
+        item_where = f"{where}[{index}]"
+        if isinstance(item, Mapping):
+            unknown = set(item) - {"path", "model", "parameters"}
+            if unknown:
+                raise DtmError(f"{item_where}: unknown key(s) {sorted(map(str, unknown))}; give path and parameters")
+            path = item.get("path", item.get("model"))
+            parameters = item.get("parameters") or {}
+            if not isinstance(parameters, Mapping):
+                raise DtmError(f"{item_where}.parameters: expected a mapping, got {parameters!r}")
+            models.append(ModelInput(Path(_text(path, f"{item_where}.path")).expanduser(),
+                                     {str(k): v for k, v in parameters.items()}))
+        else:
+            models.append(ModelInput(Path(_text(item, item_where)).expanduser()))
+    return tuple(models)
+
+
+def _dtype_tag(value: Any, where: str) -> str:
+    from dtm_fast.io.dtypes import OUTPUT_DTYPE_NAMES
+
+    if isinstance(value, str) and value in DTYPE_NAMES:
+        return DTYPE_NAMES[value]
+    if isinstance(value, str) and value in DTYPE_NAMES.values():
+        return value
+    raise DtmError(f"{where}: dtype {value!r} not supported; use {', '.join(OUTPUT_DTYPE_NAMES)}")
 
 
 def _walk_values(value: Any, visit, where: str) -> None:

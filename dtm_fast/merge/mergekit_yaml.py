@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dtm_fast.errors import DtmError
-from dtm_fast.merge.config import DTYPE_NAMES, MergeConfig, ModelInput
+from dtm_fast.merge.config import MergeConfig
 
 TOP_LEVEL_KEYS = {"models", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "slices"}
 MERGE_ONLY_PARAMETERS = {"int8_mask"}  # mergekit memory options with no effect on the result
@@ -76,15 +76,13 @@ def _models_from_slices(slices: Any, base_config_layers: int | None, where: str)
 def load_mergekit_yaml(path: Path, output: Path, **options) -> MergeConfig:
     """Build a MergeConfig from a mergekit YAML file; `options` are the CLI's run options
     (max_memory, backend, resume, ...)."""
-    import json
-
     from dtm_fast.io.text_files import load_yaml
 
     document = load_yaml(path, "mergekit config")
     if not isinstance(document, dict):
         raise DtmError(f"{path}: expected a mapping at the top level")
     where = str(path)
-    unknown = sorted(set(document) - TOP_LEVEL_KEYS)
+    unknown = sorted(str(key) for key in set(document) - TOP_LEVEL_KEYS)
     if unknown:
         raise DtmError(f"{where}: mergekit option(s) {', '.join(unknown)} not supported by dtm merge; remove them "
                        "(they would change the result, so they are not ignored)")
@@ -123,15 +121,10 @@ def load_mergekit_yaml(path: Path, output: Path, **options) -> MergeConfig:
             if parameters and method not in ("slerp",):
                 raise DtmError(f"{item_where}: parameters given for the base model are not used by {method}")
             continue  # mergekit lists the base among the models; it is the base here
-        models.append(ModelInput(model_path, parameters))
-    out_dtype = document.get("out_dtype") or document.get("dtype")
-    dtype = None
-    if out_dtype is not None:
-        if not isinstance(out_dtype, str) or out_dtype not in DTYPE_NAMES:
-            raise DtmError(f"{where}: dtype {out_dtype!r} not supported; use bfloat16, float16 or float32")
-        dtype = DTYPE_NAMES[out_dtype]
+        models.append({"path": model_path, "parameters": parameters})
     parameters = _strip_merge_only(document.get("parameters") or {}, where)
     if method in ("dare_linear", "dare_ties") and "rescale" not in parameters:
         parameters["rescale"] = "l1"  # mergekit's default for DARE: match each delta's L1 norm
-    return MergeConfig(method=method, models=tuple(models), output=output, base=base, parameters=parameters,
-                       dtype=dtype, source=where, **options)
+    values = {"method": method, "models": models, "output": output, "base": base, "parameters": parameters,
+              "dtype": document.get("out_dtype") or document.get("dtype")}
+    return MergeConfig.from_dict({**values, **options}, source=where)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from dtm_fast.io import output as out_io
+from dtm_fast.io.dtypes import torch_name
 from dtm_fast.io.safetensors_format import DTYPE_SIZES
 from dtm_fast.merge.budget import ChunkNeeds, streaming_chunk, whole_rows
 from dtm_fast.merge.config import MergeConfig
@@ -30,7 +31,6 @@ from dtm_fast.merge.plan import OutputPlan, PlannedShard, PlannedTensor, plan_ou
 if TYPE_CHECKING:
     from dtm_fast.merge.inputs import Inputs
 
-TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
 @dataclass
@@ -70,7 +70,7 @@ class MergeSource(ABC):
         """Config, generation config and tokenizer files from the base (or first model)."""
         config = self.config
         side_source = config.base if config.base is not None else config.models[0].path
-        return out_io.copy_side_files(Path(side_source), partial, TORCH_DTYPE_NAMES.get(config.dtype or ""))
+        return out_io.copy_side_files(Path(side_source), partial, torch_name(config.dtype) if config.dtype else None)
 
     @abstractmethod
     def stage_label(self, backend_name: str) -> str:

@@ -27,15 +27,14 @@ from __future__ import annotations
 import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import replace
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from dtm_fast.io.output import start_writeback
 from dtm_fast.errors import DtmError
 from dtm_fast.io.safetensors_format import DTYPE_SIZES, TensorEntry, read_exact, write_exact
-from dtm_fast.merge.budget import FAULT_AROUND_BYTES
 from dtm_fast.merge.chunk import Chunk, TensorContext
 from dtm_fast.merge.nonfinite import NonFiniteCounts
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 import ctypes
 import inspect
 import logging
-from typing import Sequence
 
 import numpy as np
 
 from dtm_fast.merge.backends import native
-from dtm_fast.merge.backends.native import (  # noqa: F401 - ABI_VERSION, LIBRARY_NAME re-exported for tests
+from dtm_fast.merge.backends.native import (  # noqa: F401 - the library's state, re-exported for callers and tests
     ABI_VERSION, LIBRARY_NAME, KernelInputs, KernelOutput, SparsifyStruct, as_torch, check, floats, set_kernels_isa,
     supported, unavailable_reason,
 )

@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
+from dtm_fast.io.dtypes import tag_of
 from dtm_fast.merge.host_array import HostArray
 
 log = logging.getLogger(__name__)
@@ -38,8 +37,7 @@ log = logging.getLogger(__name__)
 ABI_VERSION = 4  # must equal DTM_KERNELS_ABI_VERSION in kernels/dtm_kernels.h
 LIBRARY_NAME = "libdtm_kernels.so"
 ENV_PATH = "DTM_FAST_KERNELS"
-DTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2}  # safetensors dtype name -> kernel dtype code
-TORCH_NAMES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16"}
+DTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2}  # safetensors tag -> the kernels' DTM_F32 / DTM_F16 / DTM_BF16
 ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512"}
 
 
@@ -92,8 +90,7 @@ def parse_signatures(text: str) -> dict[str, list[CParam]]:
     return signatures
 
 
-_library: ctypes.CDLL | None = None
-_signatures: dict[str, list[CParam]] = {}
+_library: ctypes.CDLL | None = None  # with .signatures: its operations and their C parameters
 _problem: str | None = None
 _looked = False
 
@@ -109,7 +106,7 @@ def _candidate_paths() -> list[Path]:
     return paths
 
 
-def _declare(library: ctypes.CDLL) -> dict[str, list[CParam]]:
+def _declare(library: ctypes.CDLL) -> None:
     library.dtm_kernels_signatures.restype = ctypes.c_char_p
     library.dtm_kernels_signatures.argtypes = []
     signatures = parse_signatures(library.dtm_kernels_signatures().decode())
@@ -123,10 +120,10 @@ def _declare(library: ctypes.CDLL) -> dict[str, list[CParam]]:
     for name, argtypes in (("dtm_kernels_isa", []), ("dtm_kernels_set_isa", [ctypes.c_int])):
         getattr(library, name).argtypes = argtypes
         getattr(library, name).restype = ctypes.c_int
-    return signatures
+    library.signatures = signatures
 
 
-def _load() -> tuple[ctypes.CDLL | None, dict[str, list[CParam]], str | None]:
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
     tried = []
     for path in _candidate_paths():
         if not path.is_file():
@@ -139,29 +136,29 @@ def _load() -> tuple[ctypes.CDLL | None, dict[str, list[CParam]], str | None]:
         try:
             library = ctypes.CDLL(str(path))
         except OSError as error:
-            return None, {}, f"{path} does not load ({error}); rebuild with `pip install -e .`"
+            return None, f"{path} does not load ({error}); rebuild with `pip install -e .`"
         version_function = getattr(library, "dtm_kernels_abi_version", None)
         if version_function is None:
-            return None, {}, f"{path} is not a dtm_fast kernel library (no dtm_kernels_abi_version)"
+            return None, f"{path} is not a dtm_fast kernel library (no dtm_kernels_abi_version)"
         version_function.restype = ctypes.c_int
         version = version_function()
         if version != ABI_VERSION:
-            return None, {}, (f"{path} has kernel ABI version {version}, this dtm_fast needs {ABI_VERSION}; "
+            return None, (f"{path} has kernel ABI version {version}, this dtm_fast needs {ABI_VERSION}; "
                               "rebuild it with `pip install -e .`")
         try:
-            signatures = _declare(library)
+            _declare(library)
         except (AttributeError, ValueError) as error:
-            return None, {}, f"{path} lacks a kernel or describes it oddly ({error}); rebuild it with `pip install -e .`"
+            return None, f"{path} lacks a kernel or describes it oddly ({error}); rebuild it with `pip install -e .`"
         log.debug("native kernels loaded from %s", path)
-        return library, signatures, None
-    return None, {}, f"{LIBRARY_NAME} not found (looked in {', '.join(tried)}); build it with `pip install -e .`"
+        return library, None
+    return None, f"{LIBRARY_NAME} not found (looked in {', '.join(tried)}); build it with `pip install -e .`"
 
 
 def unavailable_reason() -> str | None:
     """Why the native kernels cannot run here, or None. Loads the library once and caches the answer."""
-    global _library, _signatures, _problem, _looked
+    global _library, _problem, _looked
     if not _looked:
-        _library, _signatures, _problem = _load()
+        _library, _problem = _load()
         _looked = True
     return _problem
 
@@ -175,8 +172,7 @@ def library() -> ctypes.CDLL:
 
 def operations() -> dict[str, list[CParam]]:
     """Every native operation and its C parameters."""
-    library()
-    return dict(_signatures)
+    return dict(library().signatures)
 
 
 def kernels_isa() -> str:
@@ -201,7 +197,7 @@ def dtype_name(array) -> str:
     """The safetensors dtype name of a HostArray or torch tensor ("?" for dtypes kernels never see)."""
     if isinstance(array, HostArray):
         return array.dtype
-    return TORCH_NAMES.get(str(getattr(array, "dtype", "")), "?")
+    return tag_of(getattr(array, "dtype", "")) or "?"
 
 
 def supported(arrays: Sequence) -> bool:
