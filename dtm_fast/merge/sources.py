@@ -121,8 +121,8 @@ class CheckpointSource(MergeSource):
         longest_row = 0
         for shard in self.plan.shards:
             for tensor in shard.tensors:
-                if tensor.merged and method.needs_whole_rows(self.params[tensor.name]) and len(tensor.shape) >= 2:
-                    longest_row = max(longest_row, tensor.numel // tensor.shape[0] if tensor.shape[0] else 0)
+                if tensor.merged and method.needs_whole_rows(self.params[tensor.name]):
+                    longest_row = max(longest_row, method.row_length(self._context(tensor)))
         return ChunkNeeds((itemsize,) * count, out_size,
                           backend.workspace_bytes_per_element(count) + method.statistics_bytes_per_element(len(inputs.models)),
                           min_elements=max(longest_row, 4096), mapped=mapped)
@@ -142,11 +142,15 @@ class CheckpointSource(MergeSource):
             for tensor in shard.tensors:
                 params = self.params.get(tensor.name)
                 chunk = budget if params is not None and method.has_statistics_pass(params) else streaming
-                row_length = tensor.numel // tensor.shape[0] if len(tensor.shape) >= 2 and tensor.shape[0] else 1
-                if params is not None and method.needs_whole_rows(params) and row_length > 1:
-                    chunk = whole_rows(chunk, row_length)  # the budget holds a row
+                if params is not None and method.needs_whole_rows(params):
+                    row_length = method.row_length(self._context(tensor))
+                    if row_length > 1:
+                        chunk = whole_rows(chunk, row_length)  # the budget holds a row
                 sizes[tensor.name] = chunk
         return sizes
+
+    def _context(self, tensor: PlannedTensor) -> TensorContext:
+        return TensorContext(tensor.name, tensor.shape, self.config.seed)
 
     def work(self, shards: list[PlannedShard], backend, io, chunks: dict[str, int]) -> list[list[TensorWork]]:
         """One stream per tensor, each knowing the one after it so its first chunk is read while the
@@ -158,7 +162,7 @@ class CheckpointSource(MergeSource):
         for shard in shards:
             shard_work = []
             for tensor in shard.tensors:
-                context = TensorContext(tensor.name, tensor.shape, config.seed)
+                context = self._context(tensor)
                 base = inputs.base.tensors[tensor.name] if inputs.base is not None else None
                 models = [m.tensors[tensor.name] for m in inputs.models]
                 if tensor.merged:

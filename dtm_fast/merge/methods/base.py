@@ -75,6 +75,7 @@ class MergeMethod(ABC):
     max_models: ClassVar[int | None] = None
     needs_fisher: ClassVar[bool] = False
     row_wise: ClassVar[bool] = False  # statistics per leading-axis row: chunks hold whole rows
+    vector_is_one_row: ClassVar[bool] = False  # per-row statistics see a 1-D tensor as one row (mergekit's)
 
     def has_statistics_pass(self, params: TensorParams) -> bool:
         """Whether merge() reads the tensor more than once (statistics, then combine): the engine
@@ -88,6 +89,13 @@ class MergeMethod(ABC):
     def needs_whole_rows(self, params: TensorParams) -> bool:
         """Whether every chunk must hold whole leading-axis rows (per-row statistics)."""
         return self.row_wise
+
+    def row_length(self, context: TensorContext) -> int:
+        """Elements per row of this method's per-row statistics: the leading axis' rows, and for a
+        vector either one row per element or, with `vector_is_one_row`, the whole vector."""
+        if len(context.shape) < 2 and self.vector_is_one_row:
+            return max(1, context.numel)
+        return context.row_length
 
     def check_model_count(self, count: int) -> None:
         if count < self.min_models:

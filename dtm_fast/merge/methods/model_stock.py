@@ -15,7 +15,7 @@ class ModelStock(MergeMethod):
         backend = stream.backend
         if params["filter_wise"]:
             for chunk in stream.chunks(write=True):
-                backend.model_stock_rows(chunk.out, chunk.base, chunk.models, stream.context.row_length)
+                backend.model_stock_rows(chunk.out, chunk.base, chunk.models, self.row_length(stream.context))
             return
         import torch
 

@@ -15,5 +15,5 @@ class Slerp(MergeMethod):
 
     def merge(self, params, stream):
         for chunk in stream.chunks(write=True):
-            stream.backend.slerp_rows(chunk.out, chunk.base, chunk.models[0], stream.context.row_length,
+            stream.backend.slerp_rows(chunk.out, chunk.base, chunk.models[0], self.row_length(stream.context),
                                       float(params["t"]))
