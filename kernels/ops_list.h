@@ -65,4 +65,9 @@
                      int64_t n),                                                                                 \
     (mask, key_low, key_high, threshold, start, n))                                                              \
   /* count[0] = how many of the n elements are NaN or +-inf */                                                  \
-  X(count_nonfinite, (const void* data, int dtype, int64_t n, int64_t* count), (data, dtype, n, count))
+  X(count_nonfinite, (const void* data, int dtype, int64_t n, int64_t* count), (data, dtype, n, count))        \
+  X(della_deltas, (void* out, int out_dtype, const void* base, const void* model, int dtype, int64_t row_length, \
+                   double density, double epsilon, uint32_t key_low, uint32_t key_high, float scale,            \
+                   int64_t start, int64_t n, double* total_l1, double* kept_l1),                                 \
+    (out, out_dtype, base, model, dtype, row_length, density, epsilon, key_low, key_high, scale, start, n,      \
+     total_l1, kept_l1))

@@ -114,3 +114,76 @@ int slerp_rows(void* out, int out_dtype, const void* first, const void* second, 
   }
   return 0;
 }
+
+// Philox draws of elements index0 .. index0+count-1 (words of whole counters computed once each).
+inline void philox_draws(uint32_t* __restrict draws, uint64_t index0, int64_t count, const PhiloxKeys& keys) {
+  int64_t i = 0;
+  for (; i < count && ((index0 + uint64_t(i)) & (kPhiloxBlock - 1)); ++i) draws[i] = philox_draw(index0 + i, keys);
+  for (; i + kPhiloxBlock <= count; i += kPhiloxBlock) {
+    const uint64_t first = ((index0 + uint64_t(i)) >> 6) * 16;
+    for (int lane = 0; lane < 16; ++lane) {
+      const uint64_t counter = first + uint64_t(lane);
+      uint32_t words[4] = {uint32_t(counter), uint32_t(counter >> 32), 0u, 0u};
+      philox4x32(words, keys);
+      for (int word = 0; word < 4; ++word) draws[i + 16 * word + lane] = words[word];
+    }
+  }
+  for (; i < count; ++i) draws[i] = philox_draw(index0 + i, keys);
+}
+
+// DELLA's MagPrune (reference.della_deltas): within each row, the delta of ascending magnitude rank
+// r (ties by position) is kept with probability p = (density - epsilon) + r / (row_length - 1) * 2 *
+// epsilon, by the Philox draw of its flat index; out = kept ? delta * scale : 0. Adds sum |delta|
+// and the sum over kept deltas, per row in double and rows in order, to totals[0] and totals[1].
+int della_deltas(void* out, int out_dtype, const void* base_data, const void* model, int dtype, int64_t row_length,
+                 double density, double epsilon, uint32_t key_low, uint32_t key_high, float scale, int64_t start,
+                 int64_t n, double* total_l1, double* kept_l1) {
+  if (!valid_dtype(dtype) || !valid_dtype(out_dtype) || n < 0 || start < 0 || row_length <= 0 || n % row_length)
+    return DTM_EBADARG;
+  const int64_t rows = n / row_length;
+  const PhiloxKeys keys(key_low, key_high);
+  std::vector<double> row_total(size_t(rows), 0.0), row_kept(size_t(rows), 0.0);
+#pragma omp parallel if (n >= kMinParallelTiles * kTile && rows > 1)
+  {
+    const size_t length = static_cast<size_t>(row_length);
+    std::vector<float> delta(length), base(length);
+    std::vector<uint64_t> order(length);
+    std::vector<uint32_t> draws(length);
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t offset = row * row_length;
+      load_tile(delta.data(), model, dtype, offset, row_length);
+      load_tile(base.data(), base_data, dtype, offset, row_length);
+      for (int64_t i = 0; i < row_length; ++i) {
+        delta[size_t(i)] -= base[size_t(i)];
+        order[size_t(i)] = (uint64_t(bits_from_float(delta[size_t(i)]) & 0x7FFFFFFFu) << 32) | uint64_t(i);
+      }
+      std::sort(order.begin(), order.end());  // by |delta| key, then position
+      philox_draws(draws.data(), uint64_t(start + offset), row_length, keys);
+      double total = 0.0, kept = 0.0;
+      for (int64_t rank = 0; rank < row_length; ++rank) {
+        const int64_t i = int64_t(order[size_t(rank)] & 0xFFFFFFFFu);
+        const double rank_norm = row_length > 1 ? double(rank) / double(row_length - 1) : 0.0;
+        const double probability = (density - epsilon) + rank_norm * 2.0 * epsilon;
+        double threshold = floor(probability * 16777216.0 + 0.5);
+        threshold = threshold < 0.0 ? 0.0 : (threshold > 16777216.0 ? 16777216.0 : threshold);
+        const bool keep = (draws[size_t(i)] >> 8) < uint32_t(threshold);
+        const double magnitude = fabs(double(delta[size_t(i)]));
+        total += magnitude;
+        kept += keep ? magnitude : 0.0;
+        base[size_t(i)] = keep ? delta[size_t(i)] * scale : 0.0f;
+      }
+      row_total[size_t(row)] = total;
+      row_kept[size_t(row)] = kept;
+      store_tile(out, out_dtype, offset, base.data(), row_length);
+    }
+  }
+  double total = 0.0, kept = 0.0;
+  for (int64_t row = 0; row < rows; ++row) {
+    total += row_total[size_t(row)];
+    kept += row_kept[size_t(row)];
+  }
+  *total_l1 = total;
+  *kept_l1 = kept;
+  return 0;
+}
