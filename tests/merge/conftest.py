@@ -178,3 +178,16 @@ def merge(paths, names, out, *options) -> int:
 
     return dtm(["merge", "--base", str(paths["base"]), *(str(paths[n]) for n in names), "-o", str(out),
                 "--backend", "reference", "--quiet", *options])
+
+
+def run_mergekit(config: Path, output: Path) -> None:
+    """mergekit-yaml (the peer tool) on a config; skips the test when mergekit is not installed."""
+    import shutil
+    import subprocess
+    import sys
+
+    mergekit = shutil.which("mergekit-yaml", path=str(Path(sys.executable).parent))
+    if mergekit is None:
+        pytest.skip("mergekit is not installed")
+    subprocess.run([mergekit, str(config), str(output), "--quiet"], check=True, capture_output=True,
+                   env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
