@@ -7,7 +7,7 @@
 #include "ops_list.h"
 
 // Bump whenever a signature or struct changes; native.py refuses any other version.
-#define DTM_KERNELS_ABI_VERSION 4
+#define DTM_KERNELS_ABI_VERSION 5
 
 #define DTM_F32 0
 #define DTM_F16 1
@@ -34,10 +34,11 @@ extern "C" {
 #endif
 
 // How one model's deltas are thinned (reference.Sparsify). band: keep low_key <= key <= high_key,
-// key = fp32 bit pattern of |delta|; random: keep iff (draw >> 8) < threshold (24-bit), the draw of
-// flat element index i = start + element being word (i/16)%4 of Philox4x32-10 with key
-// (key_low, key_high) and counter (i/64)*16 + i%16 (numeric.h). Kept deltas are multiplied by
-// `scale` (not for kind none).
+// key = fp32 bit pattern of |delta|, where an element whose key equals low_key (high_key) is kept
+// only if its flat index i lies in [low_from, low_to) ([high_from, high_to)); random: keep iff
+// (draw >> 8) < threshold (24-bit), the draw of flat element index i = start + element being word
+// (i/16)%4 of Philox4x32-10 with key (key_low, key_high) and counter (i/64)*16 + i%16 (numeric.h).
+// Kept deltas are multiplied by `scale` (not for kind none).
 typedef struct dtm_sparsify {
   int32_t kind;
   int32_t threshold;
@@ -46,7 +47,11 @@ typedef struct dtm_sparsify {
   uint32_t key_low;
   uint32_t key_high;
   float scale;
-  int32_t reserved;  // keeps the layout explicit (40 bytes), must be 0
+  int32_t reserved;  // keeps the layout explicit (72 bytes), must be 0
+  int64_t low_from;
+  int64_t low_to;
+  int64_t high_from;
+  int64_t high_to;
 } dtm_sparsify;
 
 int dtm_kernels_abi_version(void);

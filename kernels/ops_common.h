@@ -33,24 +33,32 @@ inline void store_tile(void* dst, int dtype, int64_t offset, const float* __rest
   else store_typed<DTM_F32>(dst, offset, src, count);
 }
 
-// A sparsify rule in the form the inner loops use: unsigned key bounds (keys are 0 .. 2^31-1).
+// A sparsify rule in the form the inner loops use: key bounds within 0 .. 2^31-1, and the flat index
+// ranges of the elements equal to a bound that are kept (exactly-k thresholds break ties by index).
 struct Rule {
   int kind;
   int32_t low, high;  // band: keep low <= key <= high; an empty band has low > high
+  int64_t low_from, low_to, high_from, high_to;  // elements with key == low (high) kept iff from <= index < to
+  bool all_ties;  // every range is everything: the plain band test suffices
   uint32_t threshold;
   float scale;
   PhiloxKeys keys;
   explicit Rule(const dtm_sparsify& rule)
-      : kind(rule.kind), low(0), high(0), threshold(uint32_t(rule.threshold)), scale(rule.scale),
+      : kind(rule.kind), low(0), high(0), low_from(rule.low_from), low_to(rule.low_to), high_from(rule.high_from),
+        high_to(rule.high_to), all_ties(true), threshold(uint32_t(rule.threshold)), scale(rule.scale),
         keys(rule.key_low, rule.key_high) {
     const int64_t max_key = 0x7FFFFFFF;
     if (rule.high_key < 0 || rule.low_key > max_key || rule.low_key > rule.high_key) {
       low = 1;  // nothing is kept
       high = 0;
-    } else {
-      low = int32_t(rule.low_key < 0 ? 0 : rule.low_key);
-      high = int32_t(rule.high_key > max_key ? max_key : rule.high_key);
+      return;
     }
+    low = int32_t(rule.low_key < 0 ? 0 : rule.low_key);
+    high = int32_t(rule.high_key > max_key ? max_key : rule.high_key);
+    // a bound outside the keys has no elements equal to it: its range cannot matter
+    if (rule.low_key < 0) low_from = 0, low_to = INT64_MAX;
+    if (rule.high_key > max_key) high_from = 0, high_to = INT64_MAX;
+    all_ties = low_from <= 0 && low_to == INT64_MAX && high_from <= 0 && high_to == INT64_MAX;
   }
 };
 
@@ -63,11 +71,20 @@ inline bool valid_rule(const dtm_sparsify& rule) {
 // mask, so that the selects below are and/or on bit patterns and vectorise on every instruction set.
 inline void keep_flags(uint32_t* __restrict keep, const float* __restrict delta, const Rule& rule, int64_t index0,
                        int64_t count) {
-  if (rule.kind == DTM_SPARSIFY_BAND) {
+  if (rule.kind == DTM_SPARSIFY_BAND && rule.all_ties) {
     const int32_t low = rule.low, high = rule.high;
     for (int64_t i = 0; i < count; ++i) {
       const int32_t key = int32_t(bits_from_float(delta[i]) & 0x7FFFFFFFu);
       keep[i] = (0u - uint32_t(key >= low)) & (0u - uint32_t(key <= high));
+    }
+  } else if (rule.kind == DTM_SPARSIFY_BAND) {
+    const int32_t low = rule.low, high = rule.high;
+    for (int64_t i = 0; i < count; ++i) {
+      const int32_t key = int32_t(bits_from_float(delta[i]) & 0x7FFFFFFFu);
+      const int64_t index = index0 + i;
+      const bool low_ok = key > low || (key == low && index >= rule.low_from && index < rule.low_to);
+      const bool high_ok = key < high || (key == high && index >= rule.high_from && index < rule.high_to);
+      keep[i] = 0u - uint32_t(low_ok && high_ok);
     }
   } else {
     philox_keep(keep, uint64_t(index0), count, rule.keys, rule.threshold);

@@ -66,6 +66,10 @@
     (mask, key_low, key_high, threshold, start, n))                                                              \
   /* count[0] = how many of the n elements are NaN or +-inf */                                                  \
   X(count_nonfinite, (const void* data, int dtype, int64_t n, int64_t* count), (data, dtype, n, count))        \
+  /* count = how many |x - b| keys equal `key`; position = index of the nth of them (1-based), or -1 */        \
+  X(abs_delta_key_position, (const void* base, const void* model, int dtype, int32_t key, int64_t nth, int64_t n, \
+                             int64_t* count, int64_t* position),                                                 \
+    (base, model, dtype, key, nth, n, count, position))                                                          \
   X(della_deltas, (void* out, int out_dtype, const void* base, const void* model, int dtype, int64_t row_length, \
                    double density, double epsilon, uint32_t key_low, uint32_t key_high, float scale,            \
                    int64_t start, int64_t n, double* total_l1, double* kept_l1),                                 \

@@ -85,7 +85,7 @@ int delta_gram(const void* base_data, const void* const* models, int dtype, int6
 
 int dare_keep_mask(uint8_t* mask, uint32_t key_low, uint32_t key_high, int32_t threshold, int64_t start, int64_t n) {
   if (threshold < 0 || threshold > (1 << 24) || n < 0 || start < 0) return DTM_EBADARG;
-  dtm_sparsify raw{DTM_SPARSIFY_RANDOM, threshold, 0, 0, key_low, key_high, 1.0f, 0};
+  dtm_sparsify raw{DTM_SPARSIFY_RANDOM, threshold, 0, 0, key_low, key_high, 1.0f, 0, 0, INT64_MAX, 0, INT64_MAX};
   const Rule rule(raw);
   const int64_t tiles = tile_count(n);
 #pragma omp parallel for schedule(static) if (tiles >= kMinParallelTiles)

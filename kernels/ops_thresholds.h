@@ -132,3 +132,40 @@ int abs_delta_select(const void* base, const void* const* models, int dtype, int
   }
   return 0;
 }
+
+// How many |x - b| keys equal `key`, and the index of the nth of them in element order (-1 when
+// there are fewer): where an exactly-k threshold stops keeping the elements tied at it.
+int abs_delta_key_position(const void* base, const void* model, int dtype, int32_t key, int64_t nth, int64_t n,
+                           int64_t* count, int64_t* position) {
+  if (!valid_dtype(dtype) || n < 0 || key < 0) return DTM_EBADARG;
+  const int64_t tiles = tile_count(n);
+  std::vector<int64_t> per_tile(size_t(tiles), 0);
+  const uint32_t wanted = uint32_t(key);
+#pragma omp parallel for schedule(static) if (tiles >= kMinParallelTiles)
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t offset = tile * kTile, length = n - offset < kTile ? n - offset : kTile;
+    float delta[kTile], scratch[kTile];
+    abs_delta_tile(delta, scratch, base, model, dtype, offset, length);
+    int64_t found = 0;
+    for (int64_t i = 0; i < length; ++i) found += int64_t(bits_from_float(delta[i]) == wanted);
+    per_tile[size_t(tile)] = found;
+  }
+  int64_t total = 0;
+  *position = -1;
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    if (*position < 0 && nth > total && nth <= total + per_tile[size_t(tile)]) {
+      const int64_t offset = tile * kTile, length = n - offset < kTile ? n - offset : kTile;
+      float delta[kTile], scratch[kTile];
+      abs_delta_tile(delta, scratch, base, model, dtype, offset, length);
+      int64_t seen = total;
+      for (int64_t i = 0; i < length; ++i)
+        if (bits_from_float(delta[i]) == wanted && ++seen == nth) {
+          *position = offset + i;
+          break;
+        }
+    }
+    total += per_tile[size_t(tile)];
+  }
+  *count = total;
+  return 0;
+}

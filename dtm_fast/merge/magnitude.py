@@ -7,9 +7,9 @@ integer key, and a radix select finds it in two streaming passes: a 65536-bin hi
 bucket gives the exact key. (The design note's one-pass bf16 shortcut does not apply: deltas of bf16
 weights are computed in fp32 and are not bf16 values.)
 
-Ties at the threshold: every element whose key equals the threshold is kept, so a tensor with
-repeated magnitudes can keep more than k elements. mergekit keeps exactly k, choosing among equal
-magnitudes by argsort order, which depends on the sort implementation; ours depends on nothing.
+Ties at the threshold: every search also says how many keys lie above the answer and how many
+equal it (`RankedKey`), so a method can keep exactly k elements and choose among the tied ones by
+flat index (methods/gta.py), or keep every tied element.
 """
 
 from __future__ import annotations
@@ -29,6 +29,15 @@ if TYPE_CHECKING:
 BINS = 1 << 16
 
 
+@dataclass(frozen=True)
+class RankedKey:
+    """The key at a descending rank, with how many keys are above it and how many equal it."""
+
+    key: int
+    above: int
+    ties: int
+
+
 def magnitude_keys(values: "torch.Tensor") -> "torch.Tensor":
     """int64 keys that order like |values| (fp32), NaN above +inf."""
     import torch
@@ -43,7 +52,7 @@ def kth_largest_key_in_memory(keys: "torch.Tensor", rank: int) -> int:
     return int(torch.sort(keys.reshape(-1), descending=True).values[rank - 1])
 
 
-def sorted_select(stream, ranks_per_model: list[list[int]]) -> list[dict[int, int]]:
+def sorted_select(stream, ranks_per_model: list[list[int]]) -> list[dict[int, RankedKey]]:
     """The definition of the keys at descending ranks: a full sort of each model's |x - b| keys.
     Only for a stream that holds whole tensors (the reference); the streaming searches below must
     give exactly these keys."""
@@ -51,7 +60,11 @@ def sorted_select(stream, ranks_per_model: list[list[int]]) -> list[dict[int, in
     found = []
     for model, ranks in zip(chunk.models, ranks_per_model):
         keys = magnitude_keys(model.float() - chunk.base.float()) if ranks else None
-        found.append({rank: kth_largest_key_in_memory(keys, rank) for rank in ranks})
+        answers = {}
+        for rank in ranks:
+            key = kth_largest_key_in_memory(keys, rank)
+            answers[rank] = RankedKey(key, int((keys > key).sum()), int((keys == key).sum()))
+        found.append(answers)
     return found
 
 
@@ -133,7 +146,7 @@ class BracketedSearch:
         """Where the next collected keys go (empty once full)."""
         return self.collected[min(self.in_range, len(self.collected)):]
 
-    def key(self) -> int | None:
+    def key(self) -> RankedKey | None:
         """The exact key, or None when the bracket missed the rank or overflowed its buffer."""
         position = self.rank - self.above  # descending rank among the collected keys
         if self.in_range > len(self.collected) or not 1 <= position <= self.in_range:
@@ -141,10 +154,13 @@ class BracketedSearch:
         index = self.in_range - position
         keys = self.collected[:self.in_range]
         keys.sort()  # in place (the buffer is not needed afterwards); see bracket() on partitions
-        return int(keys[index])
+        key = keys[index]
+        # every key equal to it lies in the bracket, and every key above the bracket was counted
+        first, stop = np.searchsorted(keys, key, "left"), np.searchsorted(keys, key, "right")
+        return RankedKey(int(key), self.above + int(len(keys) - stop), int(stop - first))
 
 
-def bracketed_select(stream, ranks_per_model: list[list[int]]) -> list[dict[int, int]]:
+def bracketed_select(stream, ranks_per_model: list[list[int]]) -> list[dict[int, RankedKey]]:
     """Exact keys at descending ranks of every model's |x - b|, in one pass over the stream where a
     sample of its first chunk brackets them: a dict rank -> key per model. Ranks the sample could
     not bracket (small tensors, a bracket that missed or overflowed) are left out, for the caller's
@@ -168,7 +184,7 @@ def bracketed_select(stream, ranks_per_model: list[list[int]]) -> list[dict[int,
         for search, (above, in_range) in zip(searches, counts):
             search.above += above
             search.in_range += in_range
-    found: list[dict[int, int]] = [{} for _ in ranks_per_model]
+    found: list[dict[int, RankedKey]] = [{} for _ in ranks_per_model]
     for search in searches:
         key = search.key()
         if key is not None:
@@ -183,15 +199,20 @@ class RadixSearch:
     rank: int
     bucket: int = -1  # high 16 bits of the answer, known after the first pass
     rank_in_bucket: int = 0
-    key: int = -1  # the answer, known after the second pass
+    answer: RankedKey | None = None  # known after the second pass
 
     def locate_bucket(self, high_histogram: np.ndarray) -> None:
         self.bucket, above = _from_top(high_histogram, self.rank)
         self.rank_in_bucket = self.rank - above
 
+    @property
+    def key(self) -> int:
+        return self.answer.key
+
     def locate_key(self, low_histogram: np.ndarray) -> None:
-        low, _ = _from_top(low_histogram, self.rank_in_bucket)
-        self.key = (self.bucket << 16) | low
+        low, above_in_bucket = _from_top(low_histogram, self.rank_in_bucket)
+        above = self.rank - self.rank_in_bucket + above_in_bucket
+        self.answer = RankedKey((self.bucket << 16) | low, above, int(np.asarray(low_histogram)[low]))
 
 
 def top_k_count(density: float, numel: int) -> int:

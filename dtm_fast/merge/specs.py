@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 NO_UPPER_KEY = (1 << 31) - 1  # above every magnitude key, NaN included
+INDEX_END = (1 << 63) - 1  # past every element index: a tie range that keeps every tied element
 
 
 @dataclass(frozen=True)
@@ -13,8 +14,10 @@ class Sparsify:
     """How one model's deltas are thinned before they are combined.
 
     kind "none": keep all; "band": keep low_key <= key(|d|) <= high_key (TIES: high_key is
-    NO_UPPER_KEY; breadcrumbs: both bounds); "random": keep where the Philox draw is below
-    `threshold` (DARE). Kept deltas are multiplied by `scale` (DARE's rescale)."""
+    NO_UPPER_KEY; breadcrumbs: both bounds), where an element whose key equals low_key (high_key)
+    is kept only if its flat index lies in [low_from, low_to) ([high_from, high_to)): how an
+    exactly-k threshold keeps some of the elements tied at it; "random": keep where the Philox draw
+    is below `threshold` (DARE). Kept deltas are multiplied by `scale` (DARE's rescale)."""
 
     kind: str = "none"
     low_key: int = 0
@@ -22,6 +25,10 @@ class Sparsify:
     philox_key: tuple[int, int] = (0, 0)
     threshold: int = 1 << 24
     scale: float = 1.0
+    low_from: int = 0
+    low_to: int = INDEX_END
+    high_from: int = 0
+    high_to: int = INDEX_END
 
 
 @dataclass(frozen=True)

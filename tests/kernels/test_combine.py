@@ -36,11 +36,16 @@ def test_linear_matches_reference(backend, count, in_dtype, out_dtype):
 def gta_rules(base, models, start):
     """One model of each sparsification: TIES band, breadcrumbs band, DARE, none."""
     name_key = rng.philox_key(11, "model.layers.0.mlp.up_proj.weight", 1)
+    count = base.numel()
     return (
-        Sparsify("band", key_quantile(base, models[0], 0.6), NO_UPPER_KEY, scale=1.25),
+        # exactly-k TIES: ties at the threshold kept below a flat index inside this chunk
+        Sparsify("band", key_quantile(base, models[0], 0.6), NO_UPPER_KEY, scale=1.25,
+                 low_from=0, low_to=start + count // 2),
         Sparsify("random", philox_key=name_key, threshold=rng.keep_threshold(0.3), scale=1 / 0.3),
         Sparsify(),
-        Sparsify("band", key_quantile(base, models[3], 0.2), key_quantile(base, models[3], 0.9)),
+        # breadcrumbs: the highest-index ties at the lower bound, the lowest at the upper
+        Sparsify("band", key_quantile(base, models[3], 0.2), key_quantile(base, models[3], 0.9),
+                 low_from=start + count // 3, high_to=start + 2 * count // 3),
     )
 
 

@@ -200,3 +200,19 @@ def test_count_nonfinite_matches_a_hand_count(backend, count, dtype):
     assert backend.count_nonfinite(data) == planted
     assert reference.count_nonfinite(data) == planted
     assert "count_nonfinite" in backend.accelerated
+
+
+@pytest.mark.parametrize("count", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_key_positions_match_the_reference(backend, count, dtype):
+    """The count of |x - b| keys equal to a key, and where its n-th occurrence is, in element order."""
+    base, models = make_inputs(count, dtype, 1, seed=count + 3)
+    model = models[0]
+    keys = magnitude_keys(model.float() - base.float())
+    key = int(keys.mode().values) if count else 0  # the most repeated key: many ties
+    total = int((keys == key).sum())
+    for nth in sorted({1, 2, max(1, total // 2), total, total + 1}):
+        assert backend.abs_delta_key_position(base, model, key, nth) == \
+            reference.abs_delta_key_position(base, model, key, nth)
+    if total:
+        assert reference.abs_delta_key_position(base, model, key, total)[1] == int((keys == key).nonzero()[-1])

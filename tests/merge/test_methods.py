@@ -121,7 +121,7 @@ def test_ties_keeps_every_element_tied_at_the_threshold():
     base = torch.zeros(6)
     model = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.5, 0.1])
     # k = 2 but three elements share the 2nd-largest magnitude: all three are kept
-    result = reference("ties", base, [model], {}, [{"density": 0.4}])
+    result = reference("ties", base, [model], {"threshold_ties": "all"}, [{"density": 0.4}])
     assert torch.equal(result, torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]))
 
 

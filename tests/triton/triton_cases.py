@@ -61,7 +61,10 @@ def band_rules(base: torch.Tensor, models: list[torch.Tensor]) -> list[Sparsify]
         keys = magnitude_keys(model.float() - base.float())
         low = int(keys.float().median()) if keys.numel() else 0
         high = NO_UPPER_KEY if index == 1 else int(keys.float().quantile(0.9)) if keys.numel() else 0
-        rules.append(Sparsify("band", low_key=low, high_key=high, scale=1.25))
+        # tie ranges as exactly-k thresholds set them (kept ties below / from a flat index)
+        ranges = {"low_to": START + keys.numel() // 2} if index == 1 else {"low_from": START + keys.numel() // 3,
+                                                                           "high_to": START + 2 * keys.numel() // 3}
+        rules.append(Sparsify("band", low_key=low, high_key=high, scale=1.25, **ranges))
     while len(rules) < len(models):
         rules.append(Sparsify())
     return rules[:len(models)]

@@ -42,7 +42,8 @@ def _sparsify(rule: Sparsify) -> SparsifyStruct:
     if rule.kind not in SPARSIFY_KINDS:
         raise ValueError(f"unknown sparsification {rule.kind!r}")
     return SparsifyStruct(SPARSIFY_KINDS[rule.kind], rule.threshold, rule.low_key, rule.high_key,
-                          rule.philox_key[0], rule.philox_key[1], rule.scale, 0)
+                          rule.philox_key[0], rule.philox_key[1], rule.scale, 0,
+                          rule.low_from, rule.low_to, rule.high_from, rule.high_to)
 
 
 def _histogram_address(histogram) -> int | None:

@@ -34,7 +34,7 @@ from dtm_fast.merge.host_array import HostArray
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 4  # must equal DTM_KERNELS_ABI_VERSION in kernels/dtm_kernels.h
+ABI_VERSION = 5  # must equal DTM_KERNELS_ABI_VERSION in kernels/dtm_kernels.h
 LIBRARY_NAME = "libdtm_kernels.so"
 ENV_PATH = "DTM_FAST_KERNELS"
 DTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2}  # safetensors tag -> the kernels' DTM_F32 / DTM_F16 / DTM_BF16
@@ -42,13 +42,15 @@ ISA_NAMES = {0: "generic", 1: "avx2", 2: "avx512"}
 
 
 class SparsifyStruct(ctypes.Structure):
-    """Mirror of `dtm_sparsify` in kernels/dtm_kernels.h (40 bytes)."""
+    """Mirror of `dtm_sparsify` in kernels/dtm_kernels.h (72 bytes)."""
 
     _fields_ = [
         ("kind", ctypes.c_int32), ("threshold", ctypes.c_int32),
         ("low_key", ctypes.c_int64), ("high_key", ctypes.c_int64),
         ("key_low", ctypes.c_uint32), ("key_high", ctypes.c_uint32),
         ("scale", ctypes.c_float), ("reserved", ctypes.c_int32),
+        ("low_from", ctypes.c_int64), ("low_to", ctypes.c_int64),
+        ("high_from", ctypes.c_int64), ("high_to", ctypes.c_int64),
     ]
 
 

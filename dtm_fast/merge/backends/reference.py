@@ -213,6 +213,15 @@ class ReferenceBackend:
         deltas = torch.stack([(model.float() - base.float()).double() for model in models])
         return (deltas @ deltas.T).cpu().numpy()
 
+    def abs_delta_key_position(self, base: "torch.Tensor", model: "torch.Tensor", key: int,
+                               nth: int) -> tuple[int, int]:
+        """(how many |x - b| keys equal `key`, the chunk index of the nth of them (1-based) in element
+        order, or -1 when there are fewer): where an exactly-k threshold stops keeping its ties."""
+        from dtm_fast.merge.magnitude import magnitude_keys
+
+        positions = (magnitude_keys(model.float() - base.float()) == key).nonzero().reshape(-1)
+        return positions.numel(), int(positions[nth - 1]) if 1 <= nth <= positions.numel() else -1
+
     def count_nonfinite(self, data: "torch.Tensor") -> int:
         """How many elements are NaN or +-inf (an input's bad values, reported by the merge)."""
         import torch
@@ -230,8 +239,13 @@ def keep_mask(delta: "torch.Tensor", rule: Sparsify, start: int) -> "torch.Tenso
     if rule.kind == "none":
         return None
     if rule.kind == "band":
+        import torch
+
         keys = magnitude_keys(delta)
-        return (keys >= rule.low_key) & (keys <= rule.high_key)
+        index = torch.arange(start, start + delta.numel(), device=delta.device)
+        low_ok = (keys > rule.low_key) | ((keys == rule.low_key) & (index >= rule.low_from) & (index < rule.low_to))
+        high_ok = (keys < rule.high_key) | ((keys == rule.high_key) & (index >= rule.high_from) & (index < rule.high_to))
+        return low_ok & high_ok
     if rule.kind == "random":
         return rng.keep_mask(rule.philox_key, start, delta.numel(), rule.threshold).to(delta.device)
     raise ValueError(f"unknown sparsification {rule.kind!r}")

@@ -221,8 +221,9 @@ class TritonBackend(ReferenceBackend):
 
     def _rule_parameters(self, rules: Sequence[Sparsify]) -> torch.Tensor:
         values = []
-        for rule in rules:
-            values += [rule.low_key, rule.high_key, rule.philox_key[0], rule.philox_key[1], rule.threshold]
+        for rule in rules:  # triton_kernels.RULE_INTS of them, in this order
+            values += [rule.low_key, rule.high_key, rule.philox_key[0], rule.philox_key[1], rule.threshold,
+                       rule.low_from, rule.low_to, rule.high_from, rule.high_to]
         return self._parameter_tensor(values, torch.int64)
 
     def model_stock_combine(self, out: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor],

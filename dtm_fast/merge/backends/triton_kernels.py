@@ -17,8 +17,9 @@ Why the bit manipulation:
 
 Codes of the constexpr arguments (set by triton_backend.py): dtype KIND 0 = fp32, 1 = fp16, 2 = bf16
 passed as int16; sparsify kind 0 = none, 1 = magnitude band, 2 = DARE random; CONSENSUS 0 = none,
-1 = sum, 2 = count. A model's integer parameters are 5 int64: low key, high key, Philox key low and
-high words, 24-bit keep threshold.
+1 = sum, 2 = count. A model's integer parameters are RULE_INTS int64: low key, high key, Philox key
+low and high words, 24-bit keep threshold, and the flat index ranges [low_from, low_to) and
+[high_from, high_to) of the elements tied at a band bound that are kept (specs.Sparsify).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ PHILOX_M1 = tl.constexpr(0xCD9E8D57)
 PHILOX_W0 = tl.constexpr(0x9E3779B9)
 PHILOX_W1 = tl.constexpr(0xBB67AE85)
 PHILOX_ROUNDS = tl.constexpr(10)
+RULE_INTS = tl.constexpr(9)  # int64 parameters per model's sparsify rule (triton_backend._rule_parameters)
 
 
 # -- conversions -------------------------------------------------------------------------------------
@@ -104,12 +106,22 @@ def philox_keep(index, key_low, key_high, threshold):
 
 
 @triton.jit
+def band_keep(key, index, int_params):
+    """The band rule with its tie ranges (specs.Sparsify): key and index are int64."""
+    low = tl.load(int_params)
+    high = tl.load(int_params + 1)
+    low_ok = (key > low) | ((key == low) & (index >= tl.load(int_params + 5)) & (index < tl.load(int_params + 6)))
+    high_ok = (key < high) | ((key == high) & (index >= tl.load(int_params + 7)) & (index < tl.load(int_params + 8)))
+    return low_ok & high_ok
+
+
+@triton.jit
 def sparsified_delta(model, base, offsets, start, int_params, scale, KIND: tl.constexpr):
     """x - b, zeroed where the model's sparsify rule drops it and scaled where it keeps it."""
     delta = model - base
     if KIND == 1:
         key = abs_delta_key(model, base, delta).to(tl.int64)
-        keep = (key >= tl.load(int_params)) & (key <= tl.load(int_params + 1))
+        keep = band_keep(key, start + offsets, int_params)
         delta = tl.where(keep, delta * scale, 0.0)
     elif KIND == 2:
         keep = philox_keep(start + offsets, tl.load(int_params + 2), tl.load(int_params + 3),
@@ -147,7 +159,7 @@ def gta_kernel(out_ptr, base_ptr, models_ptr, model_stride, int_params_ptr, floa
     for i in tl.static_range(K):
         model = load_f32(models_ptr + row_offsets, inside, MODEL_KIND)
         row_offsets = row_offsets + model_stride
-        delta = sparsified_delta(model, base, offsets, start, int_params_ptr + i * 5,
+        delta = sparsified_delta(model, base, offsets, start, int_params_ptr + i * RULE_INTS,
                                  tl.load(float_params_ptr + K + i), (SPARSIFY_KINDS >> (2 * i)) & 3)
         weighted = weighted + (delta * tl.load(float_params_ptr + i),)
     mixed = tl.zeros((BLOCK,), tl.float32)
@@ -284,7 +296,7 @@ def masked_l1_kernel(partials_ptr, base_ptr, model_ptr, int_params_ptr, start, n
     magnitude = tl.abs(delta).to(tl.float64)
     if SPARSIFY_KIND == 1:
         key = abs_delta_key(model, base, delta).to(tl.int64)
-        keep = (key >= tl.load(int_params_ptr)) & (key <= tl.load(int_params_ptr + 1))
+        keep = band_keep(key, start + offsets, int_params_ptr)
         kept = tl.where(keep, magnitude, 0.0)
     elif SPARSIFY_KIND == 2:
         keep = philox_keep(start + offsets, tl.load(int_params_ptr + 2), tl.load(int_params_ptr + 3),

@@ -1,6 +1,7 @@
 """Model breadcrumbs (Davari & Belilovsky 2023): drop the largest `gamma` fraction of each task
 vector as outliers and the smallest, keeping a `density` band; breadcrumbs_ties adds TIES' sign
-election. Both band edges are exact thresholds; elements equal to an edge are kept."""
+election. Both band edges are exact thresholds; elements tied at an edge are kept by flat index, as
+mergekit's ascending sort keeps them (merge/bands.py), so exactly density * n elements are kept."""
 
 from dtm_fast.merge.methods.gta import GeneralizedTaskArithmetic
 

@@ -14,24 +14,27 @@ For each model i with delta d_i = x_i - b:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import ClassVar, Sequence
 
 from dtm_fast.errors import DtmError
 from dtm_fast.merge import rng
-from dtm_fast.merge.magnitude import (
-    COLLECT_FRACTION, RadixSearch, bracketed_select, breadcrumbs_ranks, new_histogram, sorted_select, top_k_count,
-)
-from dtm_fast.merge.methods.base import (
-    MergeMethod, Param, TensorContext, TensorParams, in_open_closed_unit, in_unit,
-)
-from dtm_fast.merge.specs import NO_UPPER_KEY, GtaSpec, Sparsify
+from dtm_fast.merge.bands import Band, band_rules
+from dtm_fast.merge.magnitude import COLLECT_FRACTION, breadcrumbs_ranks, top_k_count
+from dtm_fast.merge.methods.base import MergeMethod, Param, TensorParams, in_open_closed_unit, in_unit
+from dtm_fast.merge.specs import GtaSpec, Sparsify
 
 RESCALE_CHOICES = ("none", "l1", "inverse_density")
+TIE_CHOICES = ("index", "all")
 L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor tolerance
 
 
 def _rescale_choice(value: object) -> str | None:
     return None if value in RESCALE_CHOICES else f"must be one of {', '.join(RESCALE_CHOICES)}"
+
+
+def _tie_choice(value: object) -> str | None:
+    return None if value in TIE_CHOICES else f"must be one of {', '.join(TIE_CHOICES)}"
 
 
 class GeneralizedTaskArithmetic(MergeMethod):
@@ -56,6 +59,9 @@ class GeneralizedTaskArithmetic(MergeMethod):
         if cls.sparsification == "band":
             params.append(Param("gamma", "model", float, 0.01, in_unit,
                                 help="fraction of the largest deltas dropped as outliers"))
+        if cls.sparsification in ("magnitude", "band"):
+            params.append(Param("threshold_ties", "global", str, "index", _tie_choice,
+                                help="index: exactly k kept, ties by flat index (mergekit) | all: every tie kept"))
         cls.params = tuple(params)
 
     def check_params(self, params: TensorParams, where: str) -> None:
@@ -74,31 +80,30 @@ class GeneralizedTaskArithmetic(MergeMethod):
         return edges * num_models * 4 / COLLECT_FRACTION
 
     # -- which deltas are kept -------------------------------------------------------------------
-    def _ranks(self, params: TensorParams, index: int, numel: int) -> tuple[int, int] | None:
-        """Descending ranks (first, last) of the kept magnitude band, or None when all are kept."""
+    def _band(self, params: TensorParams, index: int, numel: int) -> Band | None:
+        """Descending ranks of the kept magnitude band, or None when all are kept."""
         density = params.model("density")[index]
         if density >= 1 or numel == 0:
             return None
         if self.sparsification == "magnitude":
-            return 1, top_k_count(density, numel)
-        return breadcrumbs_ranks(density, params.model("gamma")[index], numel)
+            return Band(1, top_k_count(density, numel), "ascending")
+        return Band(*breadcrumbs_ranks(density, params.model("gamma")[index], numel), "descending")
 
-    def _rules_from_keys(self, params: TensorParams, context: TensorContext,
-                         band_keys: Sequence[tuple[int, int] | None]) -> list[Sparsify]:
-        """Sparsify rules (scale 1) once the magnitude thresholds, if any, are known."""
+    def _rules(self, params: TensorParams, stream) -> list[Sparsify]:
+        """Sparsify rules (scale 1): exact magnitude bands found on the stream, or DARE's draws."""
+        context, count = stream.context, len(stream.models)
+        if self.sparsification in ("magnitude", "band"):
+            bands = band_rules(stream, [self._band(params, i, context.numel) for i in range(count)],
+                               keep_all_ties=params["threshold_ties"] == "all")
+            return [rule if rule is not None else Sparsify() for rule in bands]
         rules = []
-        for index in range(len(band_keys)):
+        for index in range(count):
             density = params.model("density")[index] if self.sparsification else 1.0
             if self.sparsification is None or density >= 1:
                 rules.append(Sparsify())
-            elif self.sparsification == "random":
+            else:
                 rules.append(Sparsify(kind="random", philox_key=rng.philox_key(context.seed, context.name, index),
                                       threshold=rng.keep_threshold(density)))
-            elif band_keys[index] is None:  # an empty band: nothing is kept
-                rules.append(Sparsify(kind="band", low_key=NO_UPPER_KEY, high_key=-1))
-            else:
-                low, high = band_keys[index]
-                rules.append(Sparsify(kind="band", low_key=low, high_key=high))
         return rules
 
     def _spec(self, params: TensorParams, rules: Sequence[Sparsify]) -> GtaSpec:
@@ -115,17 +120,14 @@ class GeneralizedTaskArithmetic(MergeMethod):
             elif rule.kind != "none" and rescale == "l1" and l1_sums is not None:
                 total, kept = l1_sums[index]
                 scale = total / kept if total >= L1_EPS and kept >= L1_EPS else 1.0
-            scaled.append(Sparsify(rule.kind, rule.low_key, rule.high_key, rule.philox_key, rule.threshold, scale))
+            scaled.append(replace(rule, scale=scale))
         return scaled
 
     # -- the merge (also the definition: reference() runs it on whole tensors) ----------------------
     def merge(self, params, stream):
-        context, backend = stream.context, stream.backend
+        backend = stream.backend
         count = len(stream.models)
-        band_keys: list[tuple[int, int] | None] = [None] * count
-        if self.sparsification in ("magnitude", "band"):
-            band_keys = self._stream_thresholds(params, stream)
-        rules = self._rules_from_keys(params, context, band_keys)
+        rules = self._rules(params, stream)
         l1_sums = None
         if self.sparsification and params["rescale"] == "l1" and any(r.kind != "none" for r in rules):
             sums = [[0.0, 0.0] for _ in range(count)]
@@ -138,62 +140,3 @@ class GeneralizedTaskArithmetic(MergeMethod):
         spec = self._spec(params, self._with_scales(params, rules, l1_sums))
         for chunk in stream.chunks(write=True):
             backend.gta(chunk.out, chunk.base, chunk.models, spec, chunk.start)
-
-    def _stream_thresholds(self, params: TensorParams, stream) -> list[tuple[int, int] | None]:
-        """Exact band keys for every model: one bracketed pass where a sample brackets them (and the
-        backend can), two radix-select passes over the stream for what remains."""
-        numel = stream.context.numel
-        wanted: list[list[int]] = []  # descending ranks whose keys each model's band needs
-        for index in range(len(stream.models)):
-            ranks = self._ranks(params, index, numel)
-            if ranks is None or ranks[1] < ranks[0]:
-                wanted.append([])
-            else:
-                first, last = ranks  # rank 1 needs no search: its band has no upper bound
-                wanted.append(sorted({first, last} - {1} | {last}))
-        if not any(wanted):
-            return [None] * len(stream.models)
-        if stream.holds_whole_tensor:
-            return self._band_keys(params, numel, wanted, sorted_select(stream, wanted))
-        found = bracketed_select(stream, wanted)
-        missing = [[rank for rank in ranks if rank not in found[index]] for index, ranks in enumerate(wanted)]
-        if any(missing):
-            for index, keys in enumerate(self._radix_select(stream, missing)):
-                found[index].update(keys)
-        return self._band_keys(params, numel, wanted, found)
-
-    def _band_keys(self, params: TensorParams, numel: int, wanted: list[list[int]],
-                   found: list[dict[int, int]]) -> list[tuple[int, int] | None]:
-        result: list[tuple[int, int] | None] = []
-        for index, ranks in enumerate(wanted):
-            if not ranks:
-                result.append(None)
-                continue
-            first, last = self._ranks(params, index, numel)
-            result.append((found[index][last], NO_UPPER_KEY if first == 1 else found[index][first]))
-        return result
-
-    @staticmethod
-    def _radix_select(stream, ranks_per_model: list[list[int]]) -> list[dict[int, int]]:
-        """Keys at descending ranks per model with two radix-select passes over the stream."""
-        backend = stream.backend
-        searches = [[RadixSearch(rank) for rank in ranks] for ranks in ranks_per_model]
-        high = [new_histogram() for _ in searches]
-        for chunk in stream.chunks():
-            for index, model in enumerate(chunk.models):
-                if searches[index]:
-                    backend.abs_delta_histogram(chunk.base, model, high[index], None)
-        buckets = {}
-        for index, model_searches in enumerate(searches):
-            for search in model_searches:
-                search.locate_bucket(high[index])
-                buckets.setdefault((index, search.bucket), new_histogram())
-        for chunk in stream.chunks():
-            for (index, bucket), histogram in buckets.items():
-                backend.abs_delta_histogram(chunk.base, chunk.models[index], histogram, bucket)
-        found = []
-        for index, model_searches in enumerate(searches):
-            for search in model_searches:
-                search.locate_key(buckets[(index, search.bucket)])
-            found.append({search.rank: search.key for search in model_searches})
-        return found

@@ -1,5 +1,6 @@
-"""TIES (Yadav et al. 2023): keep each task vector's top-density magnitudes (exact threshold,
-ties at the threshold kept), elect a sign per element by the weighted sum, average what agrees."""
+"""TIES (Yadav et al. 2023): keep each task vector's top-density magnitudes (exactly k = density * n
+elements; ties at the threshold by flat index, merge/bands.py), elect a sign per element by the
+weighted sum, average what agrees."""
 
 from dtm_fast.merge.methods.gta import GeneralizedTaskArithmetic
 

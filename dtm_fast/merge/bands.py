@@ -1,0 +1,137 @@
+"""The kept band of each model's task vector for TIES and breadcrumbs, exactly, from one stream.
+
+A band is a range of descending magnitude ranks [first, last]: TIES keeps [1, k], breadcrumbs drops
+the largest gamma fraction and keeps the next density fraction. Its bounds are the keys at ranks
+`first` and `last` (merge/magnitude.py finds them: one bracketed pass, two radix passes where the
+bracket fails, a full sort on whole tensors). Elements tied with a bound are kept by flat index,
+as a stable sort orders them, so exactly last - first + 1 elements are kept (mergekit's rule, whose
+argsort keeps the same elements on its tests; on large tensors torch's unstable sort may pick other
+elements of equal magnitude):
+  TIES ("ascending" ties): among elements tied at the threshold, the lowest indices are kept;
+  breadcrumbs ("descending"): its ascending sort keeps the highest-index ties at the lower bound
+  and the lowest-index ties at the upper bound.
+The index where ties stop being kept is found by counting tied keys chunk by chunk
+(`abs_delta_key_position`), only for a bound that splits its ties. `threshold_ties: all` keeps every
+tied element instead (more than k when magnitudes repeat).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dtm_fast.merge.magnitude import RadixSearch, RankedKey, bracketed_select, new_histogram, sorted_select
+from dtm_fast.merge.specs import INDEX_END, NO_UPPER_KEY, Sparsify
+
+EMPTY = Sparsify(kind="band", low_key=NO_UPPER_KEY, high_key=-1)  # keeps nothing
+
+
+@dataclass(frozen=True)
+class Band:
+    first: int  # descending ranks kept, 1-based, inclusive
+    last: int
+    tie_order: str  # "ascending" or "descending": the flat-index order in which tied elements are ranked
+
+
+def band_rules(stream, bands: list[Band | None], keep_all_ties: bool) -> list[Sparsify | None]:
+    """The Sparsify rule of each model's band (None for a model without one)."""
+    # rank 1 as an upper bound needs no search (nothing lies above it); as the lower bound it does
+    wanted = [[] if b is None or b.last < b.first else sorted(({b.first} - {1}) | {b.last}) for b in bands]
+    found = select(stream, wanted) if any(wanted) else [{} for _ in bands]
+    rules: list[Sparsify | None] = []
+    for index, band in enumerate(bands):
+        if band is None:
+            rules.append(None)
+        elif band.last < band.first:
+            rules.append(EMPTY)
+        else:
+            low = found[index][band.last]
+            high = found[index][band.first] if band.first > 1 else None
+            rules.append(_rule(stream, index, band, low, high, keep_all_ties))
+    return rules
+
+
+def select(stream, wanted: list[list[int]]) -> list[dict[int, RankedKey]]:
+    """The keys at the wanted descending ranks of every model."""
+    if stream.holds_whole_tensor:
+        return sorted_select(stream, wanted)
+    found = bracketed_select(stream, wanted)
+    missing = [[rank for rank in ranks if rank not in found[index]] for index, ranks in enumerate(wanted)]
+    if any(missing):
+        for index, keys in enumerate(radix_select(stream, missing)):
+            found[index].update(keys)
+    return found
+
+
+def _rule(stream, index: int, band: Band, low: RankedKey, high: RankedKey | None, keep_all_ties: bool) -> Sparsify:
+    rule = Sparsify(kind="band", low_key=low.key, high_key=high.key if high is not None else NO_UPPER_KEY)
+    if keep_all_ties:
+        return rule
+    low_range = _tie_range(stream, index, band, low)
+    if high is None:
+        return Sparsify(rule.kind, rule.low_key, rule.high_key, low_from=low_range[0], low_to=low_range[1])
+    high_range = low_range if high.key == low.key else _tie_range(stream, index, band, high)
+    return Sparsify(rule.kind, rule.low_key, rule.high_key, low_from=low_range[0], low_to=low_range[1],
+                    high_from=high_range[0], high_to=high_range[1])
+
+
+def _tie_range(stream, index: int, band: Band, bound: RankedKey) -> tuple[int, int]:
+    """[from, to) of flat indices of the elements tied at `bound` that lie inside the band."""
+    group_first = bound.above + 1  # the tied elements take descending ranks group_first ..
+    group_last = bound.above + bound.ties
+    first = max(band.first, group_first) - group_first + 1  # their ordinals in tie order
+    last = min(band.last, group_last) - group_first + 1
+    if band.tie_order == "descending":
+        first, last = bound.ties - last + 1, bound.ties - first + 1
+    if first <= 1 and last >= bound.ties:
+        return 0, INDEX_END  # every tied element is kept
+    needed = ([first] if first > 1 else []) + ([last] if last < bound.ties else [])
+    positions = tie_positions(stream, index, bound.key, needed)
+    start = positions[first] if first > 1 else 0
+    stop = positions[last] + 1 if last < bound.ties else INDEX_END
+    return start, stop
+
+
+def tie_positions(stream, index: int, key: int, ordinals: list[int]) -> dict[int, int]:
+    """Flat index of the n-th element (in index order) whose |x - b| key equals `key`, for each n."""
+    backend = stream.backend
+    pending = sorted(set(ordinals))
+    found: dict[int, int] = {}
+    before = 0
+    for chunk in stream.chunks():
+        count = 0
+        while pending:
+            count, position = backend.abs_delta_key_position(chunk.base, chunk.models[index], key, pending[0] - before)
+            if position < 0:
+                break
+            found[pending.pop(0)] = chunk.start + position
+        if not pending:
+            break
+        before += count
+    if pending:
+        raise RuntimeError(f"tensor {stream.context.name!r}: fewer elements tied at key {key} than counted")
+    return found
+
+
+def radix_select(stream, ranks_per_model: list[list[int]]) -> list[dict[int, RankedKey]]:
+    """Keys at descending ranks per model with two radix-select passes over the stream."""
+    backend = stream.backend
+    searches = [[RadixSearch(rank) for rank in ranks] for ranks in ranks_per_model]
+    high = [new_histogram() for _ in searches]
+    for chunk in stream.chunks():
+        for index, model in enumerate(chunk.models):
+            if searches[index]:
+                backend.abs_delta_histogram(chunk.base, model, high[index], None)
+    buckets = {}
+    for index, model_searches in enumerate(searches):
+        for search in model_searches:
+            search.locate_bucket(high[index])
+            buckets.setdefault((index, search.bucket), new_histogram())
+    for chunk in stream.chunks():
+        for (index, bucket), histogram in buckets.items():
+            backend.abs_delta_histogram(chunk.base, chunk.models[index], histogram, bucket)
+    found = []
+    for index, model_searches in enumerate(searches):
+        for search in model_searches:
+            search.locate_key(buckets[(index, search.bucket)])
+        found.append({search.rank: search.answer for search in model_searches})
+    return found
