@@ -25,11 +25,6 @@ PARTIAL_SUFFIX = ".dtm-partial"
 PLAN_FILE = ".plan.json"
 PUBLISHING_LOCK = ".publishing"
 SCRATCH_FILES = (PLAN_FILE, ".done-*.json", PUBLISHING_LOCK)  # resume markers, not part of the output
-COPIED_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-    "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
-)
 
 
 def partial_dir(output: Path) -> Path:
@@ -147,29 +142,6 @@ def check_disk_space(output: Path, needed: int, reclaimable: int = 0) -> None:
         raise DtmError(f"not enough disk space for {output}: the merge still writes {needed / 1e9:.2f} GB but "
                        f"{parent} has {free / 1e9:.2f} GB free (counting what its unfinished shards hold); free "
                        "some space or choose another output")
-
-
-def copy_side_files(source: Path, partial: Path, dtype_name: str | None) -> list[str]:
-    """Copy config, generation config and tokenizer files from `source` (a model directory)."""
-    copied = []
-    if not source.is_dir():
-        return copied
-    for name in COPIED_FILES:
-        path = source / name
-        if not path.is_file():
-            continue
-        if name == "config.json" and dtype_name is not None:
-            from dtm_fast.io.checkpoint import load_json_object
-
-            config = load_json_object(path)
-            for key in ("torch_dtype", "dtype"):
-                if key in config or key == "torch_dtype":
-                    config[key] = dtype_name
-            write_json(partial / name, config)  # dtm's own file now, with the dtype it holds
-        else:
-            shutil.copy2(path, partial / name)
-        copied.append(name)
-    return copied
 
 
 def publish(partial: Path, output: Path, overwrite: bool) -> None:

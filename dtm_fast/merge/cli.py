@@ -14,6 +14,48 @@ from dtm_fast.merge.budget import DEFAULT_MAX_MEMORY_TEXT
 PARAMETER_OPTIONS = {  # CLI shortcut -> method parameter (per model when given several values)
     "weights": "weight", "density": "density", "gamma": "gamma",
 }
+# mergekit-yaml options dtm does not take, and what to use instead (refused by name, never ignored)
+MERGEKIT_ONLY = {
+    "--allow-crimes": "dtm merges models of one architecture only; convert them to one first",
+    "--unsafe-truncate-embeddings": "merge models that share a vocabulary",
+    "--transformers-cache": "dtm reads local directories and the Hugging Face cache only (HF_HOME chooses it)",
+    "--lora-merge-cache": "dtm applies LoRA adapters on the fly and writes no merged copies",
+    "--lora-merge-dtype": "use --dtype for the output",
+    "--low-cpu-memory": "dtm always streams within --max-memory",
+    "--clone-tensors": "not needed: every output tensor is written from its own buffers",
+    "--trust-remote-code": "not needed: dtm reads weights and configs only, never model code",
+    "--lazy-unpickle": "dtm never unpickles; --allow-pickle loads .bin files with weights_only",
+    "--safe-serialization": "dtm always writes safetensors",
+    "--no-safe-serialization": "dtm always writes safetensors",
+    "--read-to-gpu": "use --backend triton (chunks are copied to the GPU as they stream)",
+    "--multi-gpu": "run one process per GPU with --shard-index/--num-shards",
+    "--gpu-rich": "use --backend triton",
+    "--async-write": "writes always overlap the next chunk's compute",
+    "--write-threads": "writes always overlap the next chunk's compute",
+}
+
+
+class _RefusedOption(argparse.Action):
+    """Records a mergekit-only option; run() refuses it with what to use instead."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.refused_options = [*getattr(namespace, "refused_options", []), option_string]
+
+
+def _parameter_count(text: str) -> int:
+    """mergekit's out_shard_size: a count of parameters with an optional K, M or B suffix."""
+    from dtm_fast.errors import DtmError
+
+    scales = {"k": 10**3, "m": 10**6, "b": 10**9}
+    cleaned = text.strip().lower()
+    scale = scales.get(cleaned[-1:], 1)
+    try:
+        value = float(cleaned[:-1] if cleaned[-1:] in scales else cleaned) * scale
+    except ValueError:
+        value = float("nan")
+    if not value >= 1 or value > 2**62:
+        raise DtmError(f"--out-shard-size: cannot read {text!r} as a number of parameters (examples: 5B, 500M)")
+    return int(value)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +87,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "size fits")
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     parser.add_argument("--backend", default="auto", choices=("auto", "reference", "cpu", "triton"))
-    parser.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks")
+    parser.add_argument("--seed", "--random-seed", type=int, default=0, help="seed of the random masks (DARE, DELLA)")
     parser.add_argument("--lora-mode", default="materialize", choices=("exact-concat", "materialize", "factor-average"),
                         help="how LoRA adapters are merged (see README)")
     parser.add_argument("--allow-pickle", action="store_true",
@@ -60,6 +102,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-index", type=int, default=0, help="this process's share of the output shards")
     parser.add_argument("--num-shards", type=int, default=1, help="number of processes sharing the output shards")
     parser.add_argument("--list-methods", action="store_true", help="list the merge methods and their parameters")
+    compatible = parser.add_argument_group("mergekit-yaml options (same meaning)")
+    compatible.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=None,
+                            help="write README.md with the config and provenance (default: on for a YAML config)")
+    compatible.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                            help="copy the tokenizer files (default on)")
+    compatible.add_argument("--out-shard-size", metavar="PARAMETERS",
+                            help="largest output shard in parameters, e.g. 5B (instead of --max-shard-size bytes)")
+    compatible.add_argument("--cuda", action="store_true", help="= --backend triton")
+    compatible.add_argument("--device", choices=("auto", "cpu", "cuda"), help="cuda: --backend triton, cpu: --backend cpu")
+    compatible.add_argument("-j", "--num-threads", type=int, help="CPU threads of the kernels (OMP_NUM_THREADS)")
+    for option in MERGEKIT_ONLY:
+        parser.add_argument(option, nargs="?", action=_RefusedOption, help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="machine-readable progress on stdout")
     parser.add_argument("--quiet", action="store_true", help="plain log lines instead of progress bars")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -86,15 +140,33 @@ def build_config(args: argparse.Namespace):
     from dtm_fast.errors import DtmError
     from dtm_fast.merge.config import MergeConfig, parse_size
 
+    refused = getattr(args, "refused_options", [])
+    if refused:
+        raise DtmError("; ".join(f"{option} is a mergekit-yaml option dtm merge does not take: {MERGEKIT_ONLY[option]}"
+                                 for option in refused))
+    backend = args.backend
+    if args.cuda or args.device == "cuda":
+        backend = "triton"
+    elif args.device == "cpu":
+        backend = "cpu"
+    if args.num_threads is not None:
+        if args.num_threads < 1:
+            raise DtmError(f"--num-threads must be at least 1, got {args.num_threads}")
+        import os
+
+        os.environ["OMP_NUM_THREADS"] = str(args.num_threads)  # read when the kernels load, after this
+    is_yaml = bool(args.inputs) and args.inputs[0].endswith((".yml", ".yaml"))
     # sizes are parsed here only to name the option in errors as the user typed it
     options = dict(max_memory=parse_size(args.max_memory, "--max-memory"),
-                   max_shard_size=parse_size(args.max_shard_size, "--max-shard-size"), backend=args.backend,
+                   max_shard_size=parse_size(args.max_shard_size, "--max-shard-size"), backend=backend,
                    seed=args.seed, lora_mode=args.lora_mode, allow_pickle=args.allow_pickle, resume=args.resume,
                    overwrite=args.overwrite, shard_index=args.shard_index, num_shards=args.num_shards,
-                   verify_inputs=args.verify_inputs, strict=args.strict)
+                   verify_inputs=args.verify_inputs, strict=args.strict, copy_tokenizer=args.copy_tokenizer,
+                   write_model_card=is_yaml if args.write_model_card is None else args.write_model_card,
+                   max_shard_parameters=_parameter_count(args.out_shard_size) if args.out_shard_size else None)
     if args.dtype:
         options["dtype"] = args.dtype
-    if args.inputs and args.inputs[0].endswith((".yml", ".yaml")):
+    if is_yaml:
         from dtm_fast.merge.mergekit_yaml import load_mergekit_yaml
 
         if len(args.inputs) > 2 or (len(args.inputs) == 1 and args.output is None):

@@ -21,8 +21,10 @@ from dtm_fast.merge.methods.base import REQUIRED, MergeMethod, Param, TensorPara
 
 LORA_MODES = ("exact-concat", "materialize", "factor-average")
 BACKENDS = ("auto", "reference", "cpu", "triton")
-BOOLEAN_SETTINGS = ("allow_pickle", "resume", "overwrite", "verify_inputs", "strict")
+BOOLEAN_SETTINGS = ("allow_pickle", "resume", "overwrite", "verify_inputs", "strict", "copy_tokenizer",
+                    "write_model_card")
 INTEGER_SETTINGS = ("seed", "shard_index", "num_shards")
+TEXT_SETTINGS = ("method", "backend", "lora_mode", "chat_template", "mergekit_config")
 DEFAULT_MAX_SHARD = 5 * 1000**3
 
 
@@ -81,6 +83,12 @@ class MergeConfig:
     num_shards: int = 1
     verify_inputs: bool = False  # also hash every input file's content for the resume check and provenance
     strict: bool = False  # a NaN or infinity in any input stops the merge
+    max_shard_parameters: int | None = None  # mergekit's out_shard_size: elements per shard (over max_shard_size)
+    copy_tokenizer: bool = True
+    tokenizer_source: Path | None = None  # the model directory whose tokenizer is copied (None: base or first)
+    chat_template: str | None = None  # auto, a template name or Jinja text, set on the copied tokenizer
+    write_model_card: bool = False  # README.md with the config and provenance
+    mergekit_config: str | None = None  # the config as given (YAML text), written as mergekit_config.yml
     source: str = "command line"  # where the values came from, for error messages
 
     def __post_init__(self):
@@ -141,9 +149,9 @@ class MergeConfig:
         settings: dict[str, Any] = {"source": source}
         for name, value in values.items():
             where = f"{source}: {name}"
-            if name in ("method", "backend", "lora_mode"):
-                settings[name] = _text(value, where)
-            elif name in ("output", "base"):
+            if name in TEXT_SETTINGS:
+                settings[name] = None if value is None and name not in ("method",) else _text(value, where)
+            elif name in ("output", "base", "tokenizer_source"):
                 settings[name] = None if value is None else Path(_text(value, where)).expanduser()
             elif name == "models":
                 settings[name] = _models(value, where)
@@ -163,6 +171,10 @@ class MergeConfig:
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise DtmError(f"{where}: expected a whole number, got {value!r}")
                 settings[name] = value
+            elif name == "max_shard_parameters":
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                    raise DtmError(f"{where}: expected a positive whole number of parameters, got {value!r}")
+                settings[name] = value
         if settings.get("backend", "auto") not in BACKENDS:
             raise DtmError(f"{source}: backend: {settings['backend']!r} is not one of {', '.join(BACKENDS)}")
         return cls(**settings)
@@ -174,7 +186,9 @@ class MergeConfig:
         return METHODS[self.method]
 
     def tensor_params(self, tensor_name: str, layer: int | None, num_layers: int | None) -> TensorParams:
-        """Concrete parameter values for one tensor."""
+        """Concrete parameter values for one tensor. A per-model parameter is looked up in the
+        model's parameters, then in the merge's; a conditional whose filters match nothing falls
+        back to the next level, then to the default (as mergekit resolves them)."""
         t = 0.0
         if layer is not None and num_layers:
             t = layer / (num_layers - 1) if num_layers > 1 else 1.0
@@ -183,12 +197,12 @@ class MergeConfig:
         for param in self.method_impl.params:
             where = f"{self.source}: parameter {param.name!r} for tensor {tensor_name!r}"
             if param.scope == "global":
-                values[param.name] = _coerce(param, resolve_value(self.parameters.get(param.name, param.default),
-                                                                  tensor_name, t, where), where)
+                values[param.name] = _coerce(param, _first_match(param, [self.parameters], tensor_name, t, where),
+                                             where)
             else:
                 per_model[param.name] = tuple(
-                    _coerce(param, resolve_value(m.parameters.get(param.name, self.parameters.get(param.name, param.default)),
-                                                 tensor_name, t, where), where)
+                    _coerce(param, _first_match(param, [m.parameters, self.parameters], tensor_name, t,
+                                                f"{where} of model {m.path}"), where)
                     for m in self.models)
         return TensorParams(values, per_model)
 
@@ -235,6 +249,8 @@ def _dtype_tag(value: Any, where: str) -> str:
 def _walk_values(value: Any, visit, where: str) -> None:
     """Apply `visit` to every leaf value of a scalar, gradient or list of conditionals, refusing
     any other shape (a mapping where a value belongs, a conditional without its value)."""
+    if isinstance(value, dict) and "value" in value:
+        value = [value]  # one conditional, as mergekit writes it without a list
     if isinstance(value, list):
         if not value:
             raise DtmError(f"{where}: an empty list is not a value")
@@ -284,7 +300,26 @@ def _check_value(param: Param, value: Any, where: str) -> None:
             raise DtmError(f"{where}: parameter {param.name!r} = {value!r} {complaint}")
 
 
+NO_MATCH = object()  # a conditional setting none of whose filters matches the tensor
+
+
+def _first_match(param: Param, levels: list[dict], tensor_name: str, t: float, where: str) -> Any:
+    for level in levels:
+        if param.name in level:
+            value = resolve_value(level[param.name], tensor_name, t, where)
+            if value is not NO_MATCH:
+                return value
+    if param.default is REQUIRED:
+        raise DtmError(f"{where}: no setting applies to this tensor (every filter given misses it) and the "
+                       "parameter has no default; add an entry without a filter")
+    return param.default
+
+
 def resolve_value(value: Any, tensor_name: str, t: float, where: str) -> Any:
+    """A setting's value for one tensor: a scalar, a gradient over the layers (t in [0, 1]), or the
+    first conditional whose filter is in the tensor's name (NO_MATCH when none is)."""
+    if isinstance(value, dict):
+        value = [value]  # one conditional
     if not isinstance(value, list):
         return value
     if not value:
@@ -299,7 +334,7 @@ def resolve_value(value: Any, tensor_name: str, t: float, where: str) -> Any:
             pattern = item.get("filter")
             if pattern in (None, "*") or str(pattern) in tensor_name:
                 return resolve_value(item["value"], tensor_name, t, where)
-        raise DtmError(f"{where}: no conditional entry matches this tensor; add a final entry without a filter")
+        return NO_MATCH
     if any(isinstance(item, dict) for item in value):
         raise DtmError(f"{where}: mixes conditionals and plain values")
     if not all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in value):

@@ -193,6 +193,10 @@ def finalize(config: MergeConfig, inputs: Inputs, source: MergeSource, partial: 
     record = provenance.record(config, inputs, identities, backend.name if backend is not None else None, copied,
                                nonfinite.records(), source.provenance_fields())
     out_io.write_json(partial / out_io.PROVENANCE_FILE, record)
+    if config.write_model_card:
+        from dtm_fast.merge.side_files import write_model_card
+
+        write_model_card(partial, config, record)
     out_io.publish(partial, output, config.overwrite)
     remove_pickle_cache(output.with_name(output.name + ".dtm-cache"))
     ui.info(f"merged {len(config.models)} model(s) with {config.method} into {output}")

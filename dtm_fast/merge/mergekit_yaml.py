@@ -1,11 +1,15 @@
-"""Reading mergekit YAML configs, so mergekit users can switch without rewriting them.
+"""Reading mergekit YAML configs, so mergekit users can switch without rewriting them, and get
+mergekit's result (docs/merge.md lists every difference).
 
-Supported: `models` (each `model` + optional `parameters`), `merge_method`, `base_model`,
-`parameters`, `dtype` / `out_dtype` (we always compute in fp32; these set the output dtype),
-`tokenizer_source: base`, `int8_mask` (mask storage only: results are identical), and `slices`
-when there is exactly one slice whose sources all cover every layer (the usual SLERP config). Any
-other key is refused by name: silently ignoring an option would give a different model than
-mergekit without saying so.
+Read as mergekit reads them: `models` (each `model` + optional `parameters`), `merge_method`,
+`base_model` (the task vectors' origin for methods that need one; for methods that ignore it, such as
+linear, an ordinary input that mergekit adds to the models), `parameters` (a per-model parameter
+given here applies to every model; a conditional whose filters match no tensor falls back to the
+level above), `dtype` / `out_dtype` (computation is always fp32; these set the output dtype),
+`tokenizer_source` (base, or a model whose tokenizer is copied), `chat_template` (auto, a named
+template or Jinja text), and `slices` when one slice covers every layer of every model. Parameters
+a method does not use are ignored with a warning naming them (mergekit ignores them silently).
+Anything else that would change the result is refused by name, never silently ignored.
 """
 
 from __future__ import annotations
@@ -15,40 +19,33 @@ from typing import Any
 
 from dtm_fast.errors import DtmError
 from dtm_fast.merge.config import MergeConfig
+from dtm_fast.merge.model_refs import resolve_model
 
-TOP_LEVEL_KEYS = {"models", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "slices"}
+TOP_LEVEL_KEYS = {"models", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
+                  "slices", "chat_template"}
+NOT_YET = {  # mergekit keys dtm does not read (yet), and what to do instead
+    "modules": "give the merge as `models` (one merge of every module)",
+    "tokenizer": "merge models that share one vocabulary (tokenizer_source: base or a model)",
+}
 MERGE_ONLY_PARAMETERS = {"int8_mask"}  # mergekit memory options with no effect on the result
 
 
-def _strip_merge_only(parameters: dict, where: str) -> dict:
-    if not isinstance(parameters, dict):
+def _parameters(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
         raise DtmError(f"{where}: 'parameters' must be a mapping")
-    return {k: v for k, v in parameters.items() if k not in MERGE_ONLY_PARAMETERS}
-
-
-def _resolve(path_text: Any, config_dir: Path, where: str) -> Path:
-    if not isinstance(path_text, str):
-        raise DtmError(f"{where}: expected a model path, got {path_text!r}")
-    if "+" in path_text:
-        raise DtmError(f"{where}: {path_text!r} uses mergekit's 'model+lora' syntax; give the LoRA adapter "
-                       "directory itself as a model instead (dtm merge applies adapters to the base)")
-    path = Path(path_text).expanduser()
-    if not path.is_absolute() and not path.exists() and (config_dir / path).exists():
-        path = config_dir / path
-    if not path.exists():
-        raise DtmError(f"{where}: model {path_text!r} not found (dtm_fast reads local directories only; "
-                       "download hub models first)")
-    return path
+    return {str(k): v for k, v in value.items() if k not in MERGE_ONLY_PARAMETERS}
 
 
 def _models_from_slices(slices: Any, base_config_layers: int | None, where: str) -> list[dict]:
     if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
-        raise DtmError(f"{where}: 'slices' is supported only as one slice covering every layer of every model "
-                       "(layer stacking / frankenmerges are not supported)")
+        raise DtmError(f"{where}: 'slices' is read only as one slice covering every layer of every model "
+                       "(layer stacking / frankenmerges are not supported yet)")
     sources = slices[0].get("sources")
-    unknown = set(slices[0]) - {"sources"}
+    unknown = set(slices[0]) - {"sources", "parameters"}
     if unknown or not isinstance(sources, list) or not sources:
-        raise DtmError(f"{where}: slices[0] must hold only 'sources' (found {sorted(slices[0])})")
+        raise DtmError(f"{where}: slices[0] may hold only 'sources' and 'parameters' (found {sorted(map(str, slices[0]))})")
     for index, source in enumerate(sources):
         if not isinstance(source, dict):
             raise DtmError(f"{where}: slices[0].sources[{index}] must be a mapping with 'model', got {source!r}")
@@ -63,39 +60,56 @@ def _models_from_slices(slices: Any, base_config_layers: int | None, where: str)
     (layer_range,) = ranges
     if base_config_layers is not None and layer_range not in ((), (0, base_config_layers)):
         raise DtmError(f"{where}: layer_range {list(layer_range)} does not cover all {base_config_layers} layers; "
-                       "only whole-model slices are supported")
+                       "only whole-model slices are supported yet")
     models = []
     for source in sources:
         extra = set(source) - {"model", "layer_range", "parameters"}
         if extra:
-            raise DtmError(f"{where}: slice source option(s) {sorted(extra)} not supported")
+            raise DtmError(f"{where}: slice source option(s) {sorted(map(str, extra))} not supported")
         models.append({k: v for k, v in source.items() if k != "layer_range"})
     return models
+
+
+def _usable(method, parameters: dict, level: str, where: str, ignored: list[str]) -> dict:
+    """The parameters the method reads at this level; the others are noted in `ignored`."""
+    scopes = {p.name: p.scope for p in method.params}
+    kept = {}
+    for name, value in parameters.items():
+        if name in scopes and (level == "merge" or scopes[name] == "model"):
+            kept[name] = value
+        else:
+            ignored.append(f"{name} ({where})")
+    return kept
 
 
 def load_mergekit_yaml(path: Path, output: Path, **options) -> MergeConfig:
     """Build a MergeConfig from a mergekit YAML file; `options` are the CLI's run options
     (max_memory, backend, resume, ...)."""
-    from dtm_fast.io.text_files import load_yaml
+    from dtm_fast import ui
+    from dtm_fast.io.text_files import load_yaml, read_text
+    from dtm_fast.merge.methods import METHODS
 
     document = load_yaml(path, "mergekit config")
     if not isinstance(document, dict):
         raise DtmError(f"{path}: expected a mapping at the top level")
     where = str(path)
+    for key, advice in NOT_YET.items():
+        if key in document:
+            raise DtmError(f"{where}: mergekit's '{key}' is not supported by dtm merge yet; {advice}")
     unknown = sorted(str(key) for key in set(document) - TOP_LEVEL_KEYS)
     if unknown:
         raise DtmError(f"{where}: mergekit option(s) {', '.join(unknown)} not supported by dtm merge; remove them "
                        "(they would change the result, so they are not ignored)")
-    method = document.get("merge_method")
-    if not isinstance(method, str):
-        raise DtmError(f"{where}: needs 'merge_method'")
-    tokenizer_source = document.get("tokenizer_source", "base")
-    if tokenizer_source != "base":
-        raise DtmError(f"{where}: tokenizer_source {tokenizer_source!r} not supported; only 'base' (tokenizer files "
-                       "are copied from the base model)")
-    base = _resolve(document["base_model"], path.parent, f"{where}: base_model") if document.get("base_model") else None
+    method_name = document.get("merge_method")
+    if not isinstance(method_name, str) or method_name not in METHODS:
+        raise DtmError(f"{where}: merge_method {method_name!r} is not one of {', '.join(METHODS)}")
+    method = METHODS[method_name]
+    base = resolve_model(document["base_model"], path.parent, f"{where}: base_model") \
+        if document.get("base_model") else None
     if "slices" in document and "models" in document:
         raise DtmError(f"{where}: give either 'models' or 'slices', not both")
+    ignored: list[str] = []
+    merge_parameters = _parameters(document.get("parameters"), where)
     if "slices" in document:
         layers = None
         if base is not None and (base / "config.json").is_file():
@@ -103,28 +117,46 @@ def load_mergekit_yaml(path: Path, output: Path, **options) -> MergeConfig:
 
             layers = load_json_object(base / "config.json").get("num_hidden_layers")
         raw_models = _models_from_slices(document["slices"], layers, where)
+        slice_parameters = _parameters(document["slices"][0].get("parameters"), f"{where}: slices[0]")
+        merge_parameters = {**merge_parameters, **slice_parameters}  # the slice's own come first
     else:
         raw_models = document.get("models")
     if not isinstance(raw_models, list) or not raw_models:
         raise DtmError(f"{where}: 'models' must be a non-empty list")
-    models = []
+    models, base_listed = [], False
     for index, item in enumerate(raw_models):
         item_where = f"{where}: models[{index}]"
         if not isinstance(item, dict) or "model" not in item:
             raise DtmError(f"{item_where}: each entry needs 'model'")
         extra = set(item) - {"model", "parameters"}
         if extra:
-            raise DtmError(f"{item_where}: option(s) {sorted(extra)} not supported")
-        model_path = _resolve(item["model"], path.parent, item_where)
-        parameters = _strip_merge_only(item.get("parameters") or {}, item_where)
-        if base is not None and model_path.resolve() == base.resolve():
-            if parameters and method not in ("slerp",):
-                raise DtmError(f"{item_where}: parameters given for the base model are not used by {method}")
-            continue  # mergekit lists the base among the models; it is the base here
-        models.append({"path": model_path, "parameters": parameters})
-    parameters = _strip_merge_only(document.get("parameters") or {}, where)
-    if method in ("dare_linear", "dare_ties") and "rescale" not in parameters:
-        parameters["rescale"] = "l1"  # mergekit's default for DARE: match each delta's L1 norm
-    values = {"method": method, "models": models, "output": output, "base": base, "parameters": parameters,
-              "dtype": document.get("out_dtype") or document.get("dtype")}
+            raise DtmError(f"{item_where}: option(s) {sorted(map(str, extra))} not supported")
+        model_path = resolve_model(item["model"], path.parent, item_where)
+        parameters = _parameters(item.get("parameters"), item_where)
+        is_base = base is not None and model_path.resolve() == base.resolve()
+        base_listed |= is_base
+        if is_base and method.base_role != "ignored":
+            ignored += [f"{name} (models[{index}], the base model)" for name in parameters]
+            continue  # the task vectors' origin, not one of the merged models
+        models.append({"path": model_path, "parameters": _usable(method, parameters, "model", item_where, ignored)})
+    if base is not None and method.base_role == "ignored":
+        if not base_listed:
+            models.append({"path": base, "parameters": {}})  # mergekit merges the base as an input too
+        base = None
+    merge_parameters = _usable(method, merge_parameters, "merge", "parameters", ignored)
+    if ignored:
+        ui.warn(f"{where}: {method_name} does not use, and ignores: {', '.join(ignored)}")
+    if method_name in ("dare_linear", "dare_ties") and "rescale" not in merge_parameters:
+        merge_parameters["rescale"] = "l1"  # mergekit's default for DARE: match each delta's L1 norm
+    tokenizer_source = document.get("tokenizer_source")
+    tokenizer_path = None
+    if tokenizer_source not in (None, "base"):
+        if tokenizer_source == "union":
+            raise DtmError(f"{where}: tokenizer_source union (a merged vocabulary) is not supported by dtm merge "
+                           "yet; merge models that share one vocabulary (tokenizer_source: base or a model)")
+        tokenizer_path = resolve_model(tokenizer_source, path.parent, f"{where}: tokenizer_source")
+    values = {"method": method_name, "models": models, "output": output, "base": base,
+              "parameters": merge_parameters, "dtype": document.get("out_dtype") or document.get("dtype"),
+              "tokenizer_source": tokenizer_path, "chat_template": document.get("chat_template"),
+              "mergekit_config": read_text(path, "mergekit config")}
     return MergeConfig.from_dict({**values, **options}, source=where)

@@ -88,17 +88,19 @@ def check_agreement(reference: Checkpoint, others: Sequence[Checkpoint], role: s
                                f"{reference.label}; convert the checkpoints to one dtype before merging")
 
 
-def plan_output(reference: Checkpoint, out_dtype: str | None, max_shard_bytes: int) -> OutputPlan:
-    """Output tensors in the reference's order, packed into shards of at most max_shard_bytes
-    (a tensor larger than that gets a shard of its own), with HF file names."""
+def plan_output(reference: Checkpoint, out_dtype: str | None, max_shard_bytes: int,
+                max_shard_elements: int | None = None) -> OutputPlan:
+    """Output tensors in the reference's order, packed into shards of at most max_shard_bytes (or,
+    given, max_shard_elements elements: mergekit's out_shard_size counts parameters); a tensor
+    larger than that gets a shard of its own. HF file names."""
     entries: list[TensorEntry] = sorted(reference.tensors.values(), key=lambda e: (str(e.path), e.offset))
     groups: list[list[tuple[TensorEntry, str]]] = [[]]
     group_bytes = 0
     for entry in entries:
         merged = entry.dtype in FLOAT_DTYPES
         dtype = (out_dtype or entry.dtype) if merged else entry.dtype
-        size = entry.numel * DTYPE_SIZES[dtype]
-        if groups[-1] and group_bytes + size > max_shard_bytes:
+        size = entry.numel * DTYPE_SIZES[dtype] if max_shard_elements is None else entry.numel
+        if groups[-1] and group_bytes + size > (max_shard_bytes if max_shard_elements is None else max_shard_elements):
             groups.append([])
             group_bytes = 0
         groups[-1].append((entry, dtype))

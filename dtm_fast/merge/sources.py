@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from dtm_fast.io import output as out_io
 from dtm_fast.io.dtypes import torch_name
 from dtm_fast.io.safetensors_format import DTYPE_SIZES
 from dtm_fast.merge.budget import ChunkNeeds, streaming_chunk, whole_rows
@@ -67,10 +66,12 @@ class MergeSource(ABC):
         return {}
 
     def side_files(self, partial: Path) -> list[str]:
-        """Config, generation config and tokenizer files from the base (or first model)."""
+        """Config, generation config and tokenizer files from the base (or first model), and the
+        merge config in mergekit's schema (merge/side_files.py)."""
+        from dtm_fast.merge.side_files import write_side_files
+
         config = self.config
-        side_source = config.base if config.base is not None else config.models[0].path
-        return out_io.copy_side_files(Path(side_source), partial, torch_name(config.dtype) if config.dtype else None)
+        return write_side_files(config, partial, torch_name(config.dtype) if config.dtype else None)
 
     @abstractmethod
     def stage_label(self, backend_name: str) -> str:
@@ -103,7 +104,8 @@ class CheckpointSource(MergeSource):
     """Full checkpoints: every float tensor merged by the method, the rest copied from the base."""
 
     def __init__(self, config: MergeConfig, inputs: "Inputs"):
-        super().__init__(config, inputs, plan_output(inputs.reference, config.dtype, config.max_shard_size))
+        super().__init__(config, inputs, plan_output(inputs.reference, config.dtype, config.max_shard_size,
+                                                     config.max_shard_parameters))
         self.params = resolve_params(config, self.plan)
 
     def stage_label(self, backend_name: str) -> str:

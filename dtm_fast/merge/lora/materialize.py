@@ -112,7 +112,8 @@ class MaterializeSource(MergeSource):
     budget_subject = "this LoRA merge"
 
     def __init__(self, config: MergeConfig, inputs: "Inputs", adapters: list[LoraAdapter]):
-        super().__init__(config, inputs, plan_output(inputs.base, config.dtype, config.max_shard_size))
+        super().__init__(config, inputs, plan_output(inputs.base, config.dtype, config.max_shard_size,
+                                                     config.max_shard_parameters))
         self.adapters = adapters
         self.params = resolve_params(config, self.plan)
         self.targeted = {name for adapter in adapters for name in adapter.modules}

@@ -71,6 +71,9 @@ class MergeMethod(ABC):
     summary: ClassVar[str]
     params: ClassVar[tuple[Param, ...]] = ()
     needs_base: ClassVar[bool] = True  # task-vector methods read base weights
+    # what a mergekit config's base_model is to this method: "required" (the task vectors' origin),
+    # "optional" (a reference point when given) or "ignored" (an ordinary input, as mergekit adds it)
+    base_role: ClassVar[str] = "required"
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
     needs_fisher: ClassVar[bool] = False

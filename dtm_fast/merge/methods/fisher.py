@@ -10,6 +10,7 @@ class Fisher(MergeMethod):
     name = "fisher"
     summary = "Fisher-weighted average (needs fisher.safetensors per model)"
     needs_base = False
+    base_role = "ignored"
     needs_fisher = True
     params = (
         Param("weight", "model", float, 1.0, help="weight of each model"),

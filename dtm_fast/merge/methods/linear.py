@@ -9,6 +9,7 @@ class Linear(MergeMethod):
     name = "linear"
     summary = "weighted average of the models (DTM default)"
     needs_base = False
+    base_role = "ignored"
     params = (
         Param("weight", "model", float, 1.0, help="weight of each model"),
         Param("normalize", "global", bool, True, help="divide by the sum of the weights"),
