@@ -175,6 +175,43 @@ def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dic
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
+@dataclass(frozen=True)
+class ShardLayout:
+    """One output file of a sharded checkpoint: its name, complete header prefix, total size, and
+    each of its tensors' absolute byte offset in it."""
+
+    filename: str
+    header: bytes
+    size: int
+    offsets: tuple[int, ...]  # absolute offsets of `entries`, in order
+    entries: tuple[tuple[str, str, tuple[int, ...]], ...]  # (name, dtype, shape)
+
+
+def layout_shards(entries: list[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int,
+                  max_shard_elements: int | None = None, stem: str = "model") -> list[ShardLayout]:
+    """Pack (name, dtype, shape) tensors, in order, into Hugging Face shards of at most
+    max_shard_bytes (or max_shard_elements elements, mergekit's parameter count); a tensor larger
+    than that gets a shard of its own. The one shard planner: merges and training exports use it."""
+    groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    used = 0
+    limit = max_shard_bytes if max_shard_elements is None else max_shard_elements
+    for name, dtype, shape in entries:
+        size = math.prod(shape) * (DTYPE_SIZES[dtype] if max_shard_elements is None else 1)
+        if groups[-1] and used + size > limit:
+            groups.append([])
+            used = 0
+        groups[-1].append((name, dtype, tuple(shape)))
+        used += size
+    layouts = []
+    for index, group in enumerate(groups):
+        filename = f"{stem}.safetensors" if len(groups) == 1 else f"{stem}-{index + 1:05d}-of-{len(groups):05d}.safetensors"
+        header, offsets = encode_header(group, {"format": "pt"})
+        size = len(header) + (offsets[-1][1] if offsets else 0)
+        layouts.append(ShardLayout(filename, header, size, tuple(len(header) + begin for begin, _ in offsets),
+                                   tuple(group)))
+    return layouts
+
+
 def read_exact(fd: int, buffer: memoryview, offset: int, path: Path | str) -> None:
     """Positioned read that fills `buffer` completely (preadv may return short counts)."""
     view = buffer.cast("B") if buffer.format != "B" else buffer

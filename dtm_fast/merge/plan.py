@@ -10,7 +10,7 @@ from typing import Sequence
 
 from dtm_fast.errors import DtmError
 from dtm_fast.io.checkpoint import Checkpoint
-from dtm_fast.io.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, Shaped, TensorEntry, encode_header
+from dtm_fast.io.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, Shaped, TensorEntry, layout_shards
 
 EMBEDDING_HINT = re.compile(r"(embed_tokens|wte|word_embeddings|lm_head|embed_out|output)\.weight$")
 LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -90,30 +90,24 @@ def check_agreement(reference: Checkpoint, others: Sequence[Checkpoint], role: s
 
 def plan_output(reference: Checkpoint, out_dtype: str | None, max_shard_bytes: int,
                 max_shard_elements: int | None = None) -> OutputPlan:
-    """Output tensors in the reference's order, packed into shards of at most max_shard_bytes (or,
-    given, max_shard_elements elements: mergekit's out_shard_size counts parameters); a tensor
-    larger than that gets a shard of its own. HF file names."""
+    """Output tensors in the reference's order, packed into shards (io.layout_shards)."""
     entries: list[TensorEntry] = sorted(reference.tensors.values(), key=lambda e: (str(e.path), e.offset))
-    groups: list[list[tuple[TensorEntry, str]]] = [[]]
-    group_bytes = 0
-    for entry in entries:
-        merged = entry.dtype in FLOAT_DTYPES
-        dtype = (out_dtype or entry.dtype) if merged else entry.dtype
-        size = entry.numel * DTYPE_SIZES[dtype] if max_shard_elements is None else entry.numel
-        if groups[-1] and group_bytes + size > (max_shard_bytes if max_shard_elements is None else max_shard_elements):
-            groups.append([])
-            group_bytes = 0
-        groups[-1].append((entry, dtype))
-        group_bytes += size
-    count = len(groups)
-    layers = [i for i in (layer_index(e.name) for e in entries) if i is not None]
+    return plan_tensors([(e.name, e.dtype, e.shape) for e in entries], out_dtype, max_shard_bytes, max_shard_elements)
+
+
+def plan_tensors(tensors: list[tuple[str, str, tuple[int, ...]]], out_dtype: str | None, max_shard_bytes: int,
+                 max_shard_elements: int | None = None) -> OutputPlan:
+    """The output plan of (name, input dtype, shape) tensors in this order: float tensors are merged
+    (into `out_dtype` when given), the others copied."""
+    typed = [(name, (out_dtype or dtype) if dtype in FLOAT_DTYPES else dtype, shape, dtype in FLOAT_DTYPES)
+             for name, dtype, shape in tensors]
+    merged = {name: is_float for name, _, _, is_float in typed}
+    layouts = layout_shards([(name, dtype, shape) for name, dtype, shape, _ in typed], max_shard_bytes,
+                            max_shard_elements)
     shards = []
-    for index, group in enumerate(groups):
-        filename = "model.safetensors" if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
-        header, offsets = encode_header([(e.name, dtype, e.shape) for e, dtype in group], {"format": "pt"})
-        tensors = tuple(
-            PlannedTensor(e.name, e.shape, dtype, e.dtype in FLOAT_DTYPES, index, len(header) + begin, layer_index(e.name))
-            for (e, dtype), (begin, _) in zip(group, offsets))
-        size = len(header) + (offsets[-1][1] if offsets else 0)
-        shards.append(PlannedShard(filename, header, size, tensors))
+    for index, layout in enumerate(layouts):
+        planned = tuple(PlannedTensor(name, shape, dtype, merged[name], index, offset, layer_index(name))
+                        for (name, dtype, shape), offset in zip(layout.entries, layout.offsets))
+        shards.append(PlannedShard(layout.filename, layout.header, layout.size, planned))
+    layers = [i for i in (layer_index(name) for name, _, _ in tensors) if i is not None]
     return OutputPlan(tuple(shards), max(layers) + 1 if layers else None)
