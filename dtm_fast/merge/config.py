@@ -18,6 +18,7 @@ from dtm_fast.errors import DtmError
 from dtm_fast.io.dtypes import NAME_TO_TAG as DTYPE_NAMES  # user-facing name -> safetensors tag
 from dtm_fast.merge.budget import DEFAULT_MAX_MEMORY  # the one default budget
 from dtm_fast.merge.methods.base import REQUIRED, MergeMethod, Param, TensorParams
+from dtm_fast.merge.slice_spec import SliceSpec
 
 LORA_MODES = ("exact-concat", "materialize", "factor-average")
 BACKENDS = ("auto", "reference", "cpu", "triton")
@@ -89,6 +90,7 @@ class MergeConfig:
     chat_template: str | None = None  # auto, a template name or Jinja text, set on the copied tokenizer
     write_model_card: bool = False  # README.md with the config and provenance
     mergekit_config: str | None = None  # the config as given (YAML text), written as mergekit_config.yml
+    slices: tuple[SliceSpec, ...] | None = None  # mergekit slices: the output's layers, slice by slice
     source: str = "command line"  # where the values came from, for error messages
 
     def __post_init__(self):
@@ -105,7 +107,10 @@ class MergeConfig:
         method = METHODS[self.method]
         if method.needs_base and self.base is None:
             raise DtmError(f"{self.source}: {self.method} needs a base model (--base)")
-        method.check_model_count(len(self.models))
+        if self.slices is None:
+            method.check_model_count(len(self.models))
+        else:
+            self._check_slices(method)
         known = {p.name: p for p in method.params}
         for name in self.parameters:
             if name not in known:
@@ -132,6 +137,27 @@ class MergeConfig:
                     raise DtmError(f"{self.source}: {self.method} needs parameter {param.name!r}")
                 _walk_values(value, lambda v: _check_value(param, v, self.source),
                              f"{self.source}: parameter {param.name!r}")
+
+    def _check_slices(self, method: MergeMethod) -> None:
+        """Every slice is a valid merge of its sources, and every value in it is checked."""
+        known = {p.name: p for p in method.params}
+        for number, spec in enumerate(self.slices):
+            where = f"{self.source}: slices[{number}]"
+            if not spec.sources or len({s.layers for s in spec.sources}) != 1 or spec.layers < 1:
+                raise DtmError(f"{where}: every source must give the same, non-empty number of layers")
+            if method.needs_base and spec.base is None:
+                raise DtmError(f"{where}: {self.method} needs the base model among the slice's sources")
+            try:
+                method.check_model_count(len(spec.merged))
+            except DtmError as error:
+                raise DtmError(f"{where}: {error}") from None
+            for level, parameters in [("parameters", spec.parameters)] + [
+                    (f"sources[{i}].parameters", s.parameters) for i, s in enumerate(spec.sources)]:
+                for name, value in parameters.items():
+                    if name not in known:
+                        raise DtmError(f"{where}.{level}: {self.method} has no parameter {name!r}")
+                    _walk_values(value, lambda v, p=known[name]: _check_value(p, v, f"{where}.{level}"),
+                                 f"{where}.{level}: parameter {name!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "command line") -> "MergeConfig":
@@ -171,6 +197,11 @@ class MergeConfig:
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise DtmError(f"{where}: expected a whole number, got {value!r}")
                 settings[name] = value
+            elif name == "slices":
+                if value is not None and not (isinstance(value, (tuple, list)) and
+                                              all(isinstance(v, SliceSpec) for v in value)):
+                    raise DtmError(f"{where}: expected slices as read from a mergekit config")
+                settings[name] = tuple(value) if value is not None else None
             elif name == "max_shard_parameters":
                 if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                     raise DtmError(f"{where}: expected a positive whole number of parameters, got {value!r}")
@@ -192,18 +223,23 @@ class MergeConfig:
         t = 0.0
         if layer is not None and num_layers:
             t = layer / (num_layers - 1) if num_layers > 1 else 1.0
+        return self.resolve_params(tensor_name, t, [self.parameters],
+                                   [(str(m.path), [m.parameters, self.parameters]) for m in self.models])
+
+    def resolve_params(self, tensor_name: str, t: float, shared_levels: list[dict],
+                       model_levels: list[tuple[str, list[dict]]]) -> TensorParams:
+        """Parameters from levels of settings, highest precedence first: `shared_levels` for the
+        global ones, one (label, levels) per merged model for the per-model ones."""
         values: dict[str, Any] = {}
         per_model: dict[str, tuple[Any, ...]] = {}
         for param in self.method_impl.params:
             where = f"{self.source}: parameter {param.name!r} for tensor {tensor_name!r}"
             if param.scope == "global":
-                values[param.name] = _coerce(param, _first_match(param, [self.parameters], tensor_name, t, where),
-                                             where)
+                values[param.name] = _coerce(param, _first_match(param, shared_levels, tensor_name, t, where), where)
             else:
                 per_model[param.name] = tuple(
-                    _coerce(param, _first_match(param, [m.parameters, self.parameters], tensor_name, t,
-                                                f"{where} of model {m.path}"), where)
-                    for m in self.models)
+                    _coerce(param, _first_match(param, levels, tensor_name, t, f"{where} of model {label}"), where)
+                    for label, levels in model_levels)
         return TensorParams(values, per_model)
 
 

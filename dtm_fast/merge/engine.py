@@ -56,6 +56,10 @@ def make_source(config: MergeConfig, inputs: Inputs) -> MergeSource:
         from dtm_fast.merge.lora import lora_source
 
         return lora_source(config, inputs)
+    if config.slices is not None:
+        from dtm_fast.merge.slices import SlicedSource
+
+        return SlicedSource(config, inputs)
     return CheckpointSource(config, inputs)
 
 

@@ -39,7 +39,8 @@ def open_inputs(config: MergeConfig, cache: Path) -> Inputs:
     if any(m.is_adapter for m in models):
         return Inputs(base, models, ())  # adapters hold factors, not weights: merge/lora/adapters.py checks them
     reference = base if base is not None else models[0]
-    check_agreement(reference, [m for m in models if m is not reference])
+    if config.slices is None:  # slices read other layers of other models: merge/slices.py checks them
+        check_agreement(reference, [m for m in models if m is not reference])
     fishers: tuple[Checkpoint, ...] = ()
     if config.method_impl.needs_fisher:
         fishers = tuple(open_fisher(m.path) for m in config.models)

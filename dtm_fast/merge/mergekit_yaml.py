@@ -38,36 +38,94 @@ def _parameters(value: Any, where: str) -> dict:
     return {str(k): v for k, v in value.items() if k not in MERGE_ONLY_PARAMETERS}
 
 
-def _models_from_slices(slices: Any, base_config_layers: int | None, where: str) -> list[dict]:
-    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
-        raise DtmError(f"{where}: 'slices' is read only as one slice covering every layer of every model "
-                       "(layer stacking / frankenmerges are not supported yet)")
-    sources = slices[0].get("sources")
-    unknown = set(slices[0]) - {"sources", "parameters"}
-    if unknown or not isinstance(sources, list) or not sources:
-        raise DtmError(f"{where}: slices[0] may hold only 'sources' and 'parameters' (found {sorted(map(str, slices[0]))})")
-    for index, source in enumerate(sources):
-        if not isinstance(source, dict):
-            raise DtmError(f"{where}: slices[0].sources[{index}] must be a mapping with 'model', got {source!r}")
-        layer_range = source.get("layer_range", [])
-        if (not isinstance(layer_range, list) or len(layer_range) not in (0, 2)
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in layer_range)):
-            raise DtmError(f"{where}: slices[0].sources[{index}].layer_range must be [first, end] (two whole "
-                           f"numbers), got {layer_range!r}")
-    ranges = {tuple(s.get("layer_range", ())) for s in sources}
-    if len(ranges) != 1:
-        raise DtmError(f"{where}: every source of the slice must use the same layer_range")
-    (layer_range,) = ranges
-    if base_config_layers is not None and layer_range not in ((), (0, base_config_layers)):
-        raise DtmError(f"{where}: layer_range {list(layer_range)} does not cover all {base_config_layers} layers; "
-                       "only whole-model slices are supported yet")
-    models = []
-    for source in sources:
-        extra = set(source) - {"model", "layer_range", "parameters"}
-        if extra:
-            raise DtmError(f"{where}: slice source option(s) {sorted(map(str, extra))} not supported")
-        models.append({k: v for k, v in source.items() if k != "layer_range"})
-    return models
+def _layer_count(model: Path) -> int | None:
+    if not (model / "config.json").is_file():
+        return None
+    from dtm_fast.io.checkpoint import load_json_object
+
+    value = load_json_object(model / "config.json").get("num_hidden_layers")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _read_slices(slices: Any, config_dir: Path, where: str) -> list[dict]:
+    """Each slice as {"parameters", "sources": [{"path", "range", "parameters", "where"}]}, checked."""
+    if not isinstance(slices, list) or not slices:
+        raise DtmError(f"{where}: 'slices' must be a non-empty list")
+    result = []
+    for number, item in enumerate(slices):
+        slice_where = f"{where}: slices[{number}]"
+        if not isinstance(item, dict):
+            raise DtmError(f"{slice_where}: expected a mapping with 'sources'")
+        if "base_model" in item or "residual_weight" in item:
+            raise DtmError(f"{slice_where}: a slice's own base_model / residual_weight is not supported yet; give "
+                           "base_model once at the top level")
+        unknown = set(item) - {"sources", "parameters"}
+        if unknown:
+            raise DtmError(f"{slice_where}: unknown key(s) {sorted(map(str, unknown))} (a slice holds sources and "
+                           "parameters)")
+        sources = item.get("sources")
+        if not isinstance(sources, list) or not sources:
+            raise DtmError(f"{slice_where}: 'sources' must be a non-empty list")
+        read = []
+        for index, source in enumerate(sources):
+            source_where = f"{slice_where}.sources[{index}]"
+            if not isinstance(source, dict) or "model" not in source:
+                raise DtmError(f"{source_where}: expected a mapping with 'model' and 'layer_range'")
+            extra = set(source) - {"model", "layer_range", "parameters"}
+            if extra:
+                raise DtmError(f"{source_where}: option(s) {sorted(map(str, extra))} not supported")
+            layer_range = source.get("layer_range")
+            if layer_range is not None and (
+                    not isinstance(layer_range, list) or len(layer_range) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in layer_range)
+                    or not 0 <= layer_range[0] < layer_range[1]):
+                raise DtmError(f"{source_where}.layer_range must be [first, end] with 0 <= first < end, got "
+                               f"{layer_range!r}")
+            path = resolve_model(source["model"], config_dir, source_where)
+            layers = _layer_count(path)
+            if layer_range is None:
+                if layers is None:
+                    raise DtmError(f"{source_where}: needs layer_range ({path} has no config.json to count its layers)")
+                layer_range = [0, layers]
+            if layers is not None and layer_range[1] > layers:
+                raise DtmError(f"{source_where}.layer_range {layer_range} goes past the {layers} layers of {path}")
+            read.append({"path": path, "range": tuple(layer_range), "where": source_where,
+                         "parameters": _parameters(source.get("parameters"), source_where)})
+        if len({s["range"][1] - s["range"][0] for s in read}) != 1:
+            raise DtmError(f"{slice_where}: every source must give the same number of layers")
+        result.append({"parameters": _parameters(item.get("parameters"), slice_where), "sources": read})
+    return result
+
+
+def _whole_model(slices: list[dict]) -> bool:
+    """One slice of every layer of every source: the same merge as `models`."""
+    if len(slices) != 1:
+        return False
+    return all(s["range"] == (0, _layer_count(s["path"])) for s in slices[0]["sources"])
+
+
+def _slice_specs(slices: list[dict], base: Path | None, method, ignored: list[str]):
+    """(models, specs): the distinct merged checkpoints, and each slice with indices into them."""
+    from dtm_fast.merge.slice_spec import SliceSource, SliceSpec
+
+    paths: list[Path] = []
+    specs = []
+    for item in slices:
+        sources = []
+        for source in item["sources"]:
+            is_base = base is not None and source["path"].resolve() == base.resolve()
+            if is_base:
+                ignored += [f"{name} ({source['where']}, the base model)" for name in source["parameters"]]
+                sources.append(SliceSource(-1, *source["range"], {}, True))
+                continue
+            resolved = [p.resolve() for p in paths]
+            if source["path"].resolve() not in resolved:
+                paths.append(source["path"])
+                resolved.append(source["path"].resolve())
+            sources.append(SliceSource(resolved.index(source["path"].resolve()), *source["range"],
+                                       _usable(method, source["parameters"], "model", source["where"], ignored)))
+        specs.append(SliceSpec(tuple(sources), _usable(method, item["parameters"], "merge", "slice", ignored)))
+    return [{"path": path, "parameters": {}} for path in paths], tuple(specs)
 
 
 def _usable(method, parameters: dict, level: str, where: str, ignored: list[str]) -> dict:
@@ -80,6 +138,26 @@ def _usable(method, parameters: dict, level: str, where: str, ignored: list[str]
         else:
             ignored.append(f"{name} ({where})")
     return kept
+
+
+def _model_entries(raw_models: Any, base: Path | None, method, path: Path, where: str, ignored: list[str]) -> list[dict]:
+    if not isinstance(raw_models, list) or not raw_models:
+        raise DtmError(f"{where}: 'models' must be a non-empty list")
+    models = []
+    for index, item in enumerate(raw_models):
+        item_where = f"{where}: models[{index}]"
+        if not isinstance(item, dict) or "model" not in item:
+            raise DtmError(f"{item_where}: each entry needs 'model'")
+        extra = set(item) - {"model", "parameters"}
+        if extra:
+            raise DtmError(f"{item_where}: option(s) {sorted(map(str, extra))} not supported")
+        model_path = resolve_model(item["model"], path.parent, item_where)
+        parameters = _parameters(item.get("parameters"), item_where)
+        if base is not None and model_path.resolve() == base.resolve() and method.base_role != "ignored":
+            ignored += [f"{name} (models[{index}], the base model)" for name in parameters]
+            continue  # the task vectors' origin, not one of the merged models
+        models.append({"path": model_path, "parameters": _usable(method, parameters, "model", item_where, ignored)})
+    return models
 
 
 def load_mergekit_yaml(path: Path, output: Path, **options) -> MergeConfig:
@@ -110,39 +188,28 @@ def load_mergekit_yaml(path: Path, output: Path, **options) -> MergeConfig:
         raise DtmError(f"{where}: give either 'models' or 'slices', not both")
     ignored: list[str] = []
     merge_parameters = _parameters(document.get("parameters"), where)
+    slice_specs = None
     if "slices" in document:
-        layers = None
-        if base is not None and (base / "config.json").is_file():
-            from dtm_fast.io.checkpoint import load_json_object
-
-            layers = load_json_object(base / "config.json").get("num_hidden_layers")
-        raw_models = _models_from_slices(document["slices"], layers, where)
-        slice_parameters = _parameters(document["slices"][0].get("parameters"), f"{where}: slices[0]")
-        merge_parameters = {**merge_parameters, **slice_parameters}  # the slice's own come first
+        slices = _read_slices(document["slices"], path.parent, where)
+        if _whole_model(slices):  # the usual SLERP config: one slice of whole models
+            raw_models = [{"model": str(s["path"]), "parameters": s["parameters"]} for s in slices[0]["sources"]]
+            merge_parameters = {**merge_parameters, **slices[0]["parameters"]}  # the slice's own come first
+        else:
+            raw_models = None
     else:
         raw_models = document.get("models")
-    if not isinstance(raw_models, list) or not raw_models:
-        raise DtmError(f"{where}: 'models' must be a non-empty list")
-    models, base_listed = [], False
-    for index, item in enumerate(raw_models):
-        item_where = f"{where}: models[{index}]"
-        if not isinstance(item, dict) or "model" not in item:
-            raise DtmError(f"{item_where}: each entry needs 'model'")
-        extra = set(item) - {"model", "parameters"}
-        if extra:
-            raise DtmError(f"{item_where}: option(s) {sorted(map(str, extra))} not supported")
-        model_path = resolve_model(item["model"], path.parent, item_where)
-        parameters = _parameters(item.get("parameters"), item_where)
-        is_base = base is not None and model_path.resolve() == base.resolve()
-        base_listed |= is_base
-        if is_base and method.base_role != "ignored":
-            ignored += [f"{name} (models[{index}], the base model)" for name in parameters]
-            continue  # the task vectors' origin, not one of the merged models
-        models.append({"path": model_path, "parameters": _usable(method, parameters, "model", item_where, ignored)})
-    if base is not None and method.base_role == "ignored":
-        if not base_listed:
-            models.append({"path": base, "parameters": {}})  # mergekit merges the base as an input too
-        base = None
+    if "slices" in document and raw_models is None:
+        models, slice_specs = _slice_specs(slices, base if method.base_role != "ignored" else None, method, ignored)
+        if method.base_role == "ignored":
+            base = None
+        if not models:
+            raise DtmError(f"{where}: the slices merge no model besides the base")
+    else:
+        models = _model_entries(raw_models, base, method, path, where, ignored)
+        if base is not None and method.base_role == "ignored":
+            if not any(m["path"].resolve() == base.resolve() for m in models):
+                models.append({"path": base, "parameters": {}})  # mergekit merges the base as an input too
+            base = None
     merge_parameters = _usable(method, merge_parameters, "merge", "parameters", ignored)
     if ignored:
         ui.warn(f"{where}: {method_name} does not use, and ignores: {', '.join(ignored)}")
@@ -155,7 +222,7 @@ def load_mergekit_yaml(path: Path, output: Path, **options) -> MergeConfig:
             raise DtmError(f"{where}: tokenizer_source union (a merged vocabulary) is not supported by dtm merge "
                            "yet; merge models that share one vocabulary (tokenizer_source: base or a model)")
         tokenizer_path = resolve_model(tokenizer_source, path.parent, f"{where}: tokenizer_source")
-    values = {"method": method_name, "models": models, "output": output, "base": base,
+    values = {"method": method_name, "models": models, "output": output, "base": base, "slices": slice_specs,
               "parameters": merge_parameters, "dtype": document.get("out_dtype") or document.get("dtype"),
               "tokenizer_source": tokenizer_path, "chat_template": document.get("chat_template"),
               "mergekit_config": read_text(path, "mergekit config")}

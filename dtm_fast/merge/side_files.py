@@ -24,8 +24,10 @@ MERGEKIT_CONFIG = "mergekit_config.yml"
 MODEL_CARD = "README.md"
 
 
-def write_side_files(config: "MergeConfig", partial: Path, dtype_name: str | None) -> list[str]:
-    """Copy and write the side files into `partial`; returns the names copied from inputs."""
+def write_side_files(config: "MergeConfig", partial: Path, dtype_name: str | None,
+                     config_updates: dict | None = None) -> list[str]:
+    """Copy and write the side files into `partial` (config.json with the output dtype and
+    `config_updates`); returns the names copied from inputs."""
     from dtm_fast.io.checkpoint import load_json_object
 
     model_source = Path(config.base if config.base is not None else config.models[0].path)
@@ -34,12 +36,14 @@ def write_side_files(config: "MergeConfig", partial: Path, dtype_name: str | Non
         path = model_source / name
         if not model_source.is_dir() or not path.is_file():
             continue
-        if name == "config.json" and dtype_name is not None:
+        if name == "config.json" and (dtype_name is not None or config_updates):
             values = load_json_object(path)
-            values["torch_dtype"] = dtype_name
-            if "dtype" in values:
-                values["dtype"] = dtype_name
-            write_json(partial / name, values)  # dtm's own file now, with the dtype it holds
+            if dtype_name is not None:
+                values["torch_dtype"] = dtype_name
+                if "dtype" in values:
+                    values["dtype"] = dtype_name
+            values.update(config_updates or {})
+            write_json(partial / name, values)  # dtm's own file now, describing what it holds
         else:
             shutil.copy2(path, partial / name)
         copied.append(name)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from dtm_fast.io.dtypes import torch_name
-from dtm_fast.io.safetensors_format import DTYPE_SIZES
+from dtm_fast.io.safetensors_format import DTYPE_SIZES, TensorEntry
 from dtm_fast.merge.budget import ChunkNeeds, streaming_chunk, whole_rows
 from dtm_fast.merge.config import MergeConfig
 from dtm_fast.merge.chunk import TensorContext
@@ -71,7 +71,12 @@ class MergeSource(ABC):
         from dtm_fast.merge.side_files import write_side_files
 
         config = self.config
-        return write_side_files(config, partial, torch_name(config.dtype) if config.dtype else None)
+        return write_side_files(config, partial, torch_name(config.dtype) if config.dtype else None,
+                                self.config_updates())
+
+    def config_updates(self) -> dict:
+        """Changes to the copied config.json (slices change the layer count)."""
+        return {}
 
     @abstractmethod
     def stage_label(self, backend_name: str) -> str:
@@ -100,25 +105,56 @@ def resolve_params(config: MergeConfig, plan: OutputPlan) -> dict[str, TensorPar
             for s in plan.shards for t in s.tensors if t.merged}
 
 
-class CheckpointSource(MergeSource):
-    """Full checkpoints: every float tensor merged by the method, the rest copied from the base."""
+@dataclass(frozen=True)
+class TensorInputs:
+    """The entries one output tensor is made from (a copied tensor: `models` holds its one source)."""
 
-    def __init__(self, config: MergeConfig, inputs: "Inputs"):
-        super().__init__(config, inputs, plan_output(inputs.reference, config.dtype, config.max_shard_size,
-                                                     config.max_shard_parameters))
-        self.params = resolve_params(config, self.plan)
+    base: TensorEntry | None
+    models: tuple[TensorEntry, ...]
+    fishers: tuple[TensorEntry, ...] = ()
+
+    @property
+    def count(self) -> int:
+        return int(self.base is not None) + len(self.models) + len(self.fishers)
+
+
+class CheckpointSource(MergeSource):
+    """Full checkpoints: every float tensor merged by the method, the rest copied from the base.
+    Subclasses (slices.py) give other tables of which entries make which output tensor."""
+
+    def __init__(self, config: MergeConfig, inputs: "Inputs", plan: OutputPlan | None = None,
+                 table: dict[str, TensorInputs] | None = None, params: dict[str, TensorParams] | None = None):
+        super().__init__(config, inputs, plan or plan_output(inputs.reference, config.dtype, config.max_shard_size,
+                                                             config.max_shard_parameters))
+        self.params = params if params is not None else resolve_params(config, self.plan)
+        self.table = table if table is not None else self._same_names()
+
+    def _same_names(self) -> dict[str, TensorInputs]:
+        """Every output tensor from the tensors of the same name (full checkpoints that agree)."""
+        inputs, method = self.inputs, self.config.method_impl
+        table = {}
+        for shard in self.plan.shards:
+            for tensor in shard.tensors:
+                base = inputs.base.tensors[tensor.name] if inputs.base is not None else None
+                models = tuple(m.tensors[tensor.name] for m in inputs.models)
+                if tensor.merged:
+                    table[tensor.name] = TensorInputs(base if method.needs_base else None, models,
+                                                      tuple(f.tensors[tensor.name] for f in inputs.fishers))
+                else:  # copied unchanged from the base (or the first model)
+                    table[tensor.name] = TensorInputs(None, (base if base is not None else models[0],))
+        return table
 
     def stage_label(self, backend_name: str) -> str:
         return f"merge ({self.config.method}, {backend_name})"
 
-    def _reads_base(self) -> bool:
-        return self.inputs.base is not None and self.config.method_impl.needs_base
+    def _input_count(self) -> int:
+        return max(entries.count for entries in self.table.values())
 
     def chunk_needs(self, backend, mapped: bool) -> ChunkNeeds:
         inputs, method = self.inputs, self.config.method_impl
         # every slot is sized for the widest dtype of any input, so any input can use any slot
         itemsize = max(DTYPE_SIZES[e.dtype] for c in inputs.all() for e in c.tensors.values())
-        count = int(self._reads_base()) + len(inputs.models) + len(inputs.fishers)
+        count = self._input_count()
         out_size = max(DTYPE_SIZES[t.out_dtype] for s in self.plan.shards for t in s.tensors)
         longest_row = 0
         for shard in self.plan.shards:
@@ -126,12 +162,12 @@ class CheckpointSource(MergeSource):
                 if tensor.merged and method.needs_whole_rows(self.params[tensor.name]):
                     longest_row = max(longest_row, method.row_length(self._context(tensor)))
         return ChunkNeeds((itemsize,) * count, out_size,
-                          backend.workspace_bytes_per_element(count) + method.statistics_bytes_per_element(len(inputs.models)),
+                          backend.workspace_bytes_per_element(count)
+                          + method.statistics_bytes_per_element(max(len(e.models) for e in self.table.values())),
                           min_elements=max(longest_row, 4096), mapped=mapped)
 
     def budget_description(self, backend) -> str:
-        count = int(self._reads_base()) + len(self.inputs.models) + len(self.inputs.fishers)
-        return f"{count} inputs, {backend.name} backend"
+        return f"{self._input_count()} inputs, {backend.name} backend"
 
     def chunk_sizes(self, shards: list[PlannedShard], needs: ChunkNeeds, budget: int) -> dict[str, int]:
         """A tensor with statistics passes takes the largest chunk the budget allows, so that it is
@@ -159,23 +195,15 @@ class CheckpointSource(MergeSource):
         current tensor computes."""
         from dtm_fast.merge.stream import TensorStream
 
-        config, inputs, method = self.config, self.inputs, self.config.method_impl
+        method = self.config.method_impl
         result, previous = [], None
         for shard in shards:
             shard_work = []
             for tensor in shard.tensors:
-                context = self._context(tensor)
-                base = inputs.base.tensors[tensor.name] if inputs.base is not None else None
-                models = [m.tensors[tensor.name] for m in inputs.models]
-                if tensor.merged:
-                    fishers = [f.tensors[tensor.name] for f in inputs.fishers]
-                    stream = TensorStream(context, backend, base if method.needs_base else None, models, fishers, io,
-                                          chunks[tensor.name], tensor.out_dtype, None, tensor.offset)
-                    run = _merging(method, self.params[tensor.name], stream)
-                else:  # copied unchanged from the base (or the first model)
-                    stream = TensorStream(context, backend, None, [base if base is not None else models[0]], [], io,
-                                          chunks[tensor.name], tensor.out_dtype, None, tensor.offset)
-                    run = _copying(stream)
+                entries = self.table[tensor.name]
+                stream = TensorStream(self._context(tensor), backend, entries.base, entries.models, entries.fishers,
+                                      io, chunks[tensor.name], tensor.out_dtype, None, tensor.offset)
+                run = _merging(method, self.params[tensor.name], stream) if tensor.merged else _copying(stream)
                 if previous is not None:
                     previous.following = stream
                 previous = stream
