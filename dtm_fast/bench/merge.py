@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 from dtm_fast.bench.merge_models import PRESETS
-from dtm_fast.bench.merge_runs import METHODS
+from dtm_fast.bench.merge_runs import BENCH_METHODS, METHODS
 
 DEFAULT_WORKDIR = "/tmp/dtm-bench-merge"
 
@@ -27,9 +27,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()))
     parser.add_argument("--models", type=int, default=4, help="fine-tunes merged besides the base (default 4)")
     parser.add_argument("--noise", type=float, default=1e-3, help="std of the fine-tunes' difference from the base")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--backends", nargs="+", choices=["cpu", "reference", "triton"], default=None,
-                        help="dtm backends to time (default: cpu and reference, plus triton with CUDA)")
+    parser.add_argument("--methods", nargs="+", choices=list(BENCH_METHODS) + ["all"], default=list(METHODS),
+                        help="methods to time (default: linear task_arithmetic ties dare_ties; all: every one dtm has)")
+    parser.add_argument("--backends", nargs="+", choices=["auto", "cpu", "reference", "triton"], default=None,
+                        help="dtm backends to time (default: auto, what a user gets without --backend)")
     parser.add_argument("--repeats", type=int, default=3, help="repetitions of every dtm run and the floor")
     parser.add_argument("--mergekit-repeats", type=int, default=1,
                         help="repetitions of every mergekit run (default 1: mergekit's ties takes minutes)")
@@ -51,6 +52,12 @@ def run(args: argparse.Namespace) -> int:
     ui.configure(json_output=args.json, quiet=args.quiet)
     if args.repeats < 1 or args.mergekit_repeats < 1 or args.models < 1:
         raise DtmError("--repeats, --mergekit-repeats and --models must be at least 1")
+    from dtm_fast.bench.merge_runs import available_methods
+
+    args.methods = list(available_methods()) if "all" in args.methods else args.methods
+    missing = [m for m in args.methods if m not in available_methods()]
+    if missing:
+        raise DtmError(f"--methods: dtm has no method {', '.join(missing)}")
     measurements = Measurements.collect(args)
     report(measurements, args)
     return 0

@@ -69,7 +69,7 @@ class Measurements:
         logs = output / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         base, models = build_models(workdir, preset, args.models, args.noise)
-        backends = args.backends or merge_runs.default_backends()
+        backends = args.backends or ["auto"]
         mergekit_version = None if args.no_mergekit else merge_runs.mergekit_version()
         if not args.no_mergekit and mergekit_version is None:
             ui.warn("mergekit is not installed: timing dtm and the floor only (pip install mergekit)")
@@ -93,18 +93,26 @@ class Measurements:
         baseline = merge_runs.interpreter_baseline(logs / "baseline.log")
         scratch = workdir / "outputs"
         scratch.mkdir(exist_ok=True)
+        configs = {method: merge_runs.write_config(method, base, models, logs) for method in args.methods}
         for repetition in range(max(args.repeats, args.mergekit_repeats)):
             for method in args.methods:
-                inputs = models if method == "linear" else [base, *models]
+                merged = merge_runs.merged_models(method, models)
+                inputs = ([base] if merge_runs.BENCH_METHODS[method].base else []) + merged
                 if repetition < args.repeats:
-                    read_s = merge_runs.read_files_s([f for path in inputs for f in model_files[path]], buffer)
-                    write_s = merge_runs.write_bytes_s(scratch / "floor.bin", out_bytes, buffer)
-                    entry("floor", method, "", inputs).walls_s.append(read_s + write_s)
+                    files = [f for path in inputs for f in model_files[path]]
+                    read_s = merge_runs.read_files_s(files, buffer)
+                    entry("floor", method, "", inputs).walls_s.append(
+                        read_s + merge_runs.write_bytes_s(scratch / "floor.bin", out_bytes, buffer))
+                    # a published output is durable: the floor of writing it with an fsync
+                    read_s = merge_runs.read_files_s(files, buffer)
+                    entry("floor+fsync", method, "", inputs).walls_s.append(
+                        read_s + merge_runs.write_bytes_durably_s(scratch / "floor.bin", out_bytes, buffer))
                     for backend in backends:
                         target = scratch / f"dtm-{method}-{backend}"
                         shutil.rmtree(target, ignore_errors=True)
-                        command = merge_runs.dtm_command(method, backend, base, models, target, args.max_memory)
-                        ui.info(f"[{repetition + 1}] dtm merge {method} --backend {backend}")
+                        command = merge_runs.dtm_command(configs[method], target, None if backend == "auto" else backend,
+                                                         args.max_memory)
+                        ui.info(f"[{repetition + 1}] dtm merge {configs[method].name} (backend {backend})")
                         measured = merge_runs.run_measured(command, logs / f"dtm-{method}-{backend}.log")
                         shutil.rmtree(target, ignore_errors=True)
                         record = entry("dtm", method, backend, inputs)
@@ -113,8 +121,8 @@ class Measurements:
                 if mergekit_version and repetition < args.mergekit_repeats:
                     target = scratch / f"mergekit-{method}"
                     shutil.rmtree(target, ignore_errors=True)
-                    command = merge_runs.mergekit_command(method, base, models, target, logs)
-                    ui.info(f"[{repetition + 1}] mergekit-yaml {method}")
+                    command = merge_runs.mergekit_command(configs[method], target)
+                    ui.info(f"[{repetition + 1}] mergekit-yaml {configs[method].name}")
                     measured = merge_runs.run_measured(command, logs / f"mergekit-{method}.log")
                     shutil.rmtree(target, ignore_errors=True)
                     record = entry("mergekit", method, "", inputs)
@@ -139,36 +147,45 @@ def rows(measurements: Measurements) -> list[list]:
     for s in measurements.series:
         mergekit = by_key.get(("mergekit", s.method))
         floor = by_key.get(("floor", s.method))
+        durable = by_key.get(("floor+fsync", s.method))
         table.append([
             s.method, s.label, f"{s.median_s:.2f}", f"{100 * s.spread:.0f}%", f"{s.io_bytes / s.median_s / 1e9:.2f}",
             ui.format_bytes(max(s.peak_rss_bytes)) if s.peak_rss_bytes else "-",
             _ratio(mergekit.median_s, s.median_s) if mergekit and s.tool != "mergekit" else "-",
             _ratio(s.median_s, floor.median_s) if floor and s.tool != "floor" else "-",
+            _ratio(s.median_s, durable.median_s) if durable and s.tool not in ("floor", "floor+fsync") else "-",
         ])
-    order = {"floor": 0, "dtm": 1, "mergekit": 2}
-    return sorted(table, key=lambda row: (merge_runs.METHODS.index(row[0]), order[row[1].split()[0]], row[1]))
+    order = {"floor": 0, "floor+fsync": 1, "dtm": 2, "mergekit": 3}
+    methods = list(merge_runs.BENCH_METHODS)
+    return sorted(table, key=lambda row: (methods.index(row[0]), order[row[1].split()[0]], row[1]))
 
 
-COLUMNS = ["method", "tool", "wall s", "spread", "GB/s", "peak RSS", "mergekit / this", "this / floor"]
+COLUMNS = ["method", "tool", "wall s", "spread", "GB/s", "peak RSS", "mergekit / this", "this / floor",
+           "this / floor+fsync"]
 
 
 def _chart(measurements: Measurements, path: Path) -> None:
+    """Each tool's wall time over the floor's, per method (1 = the I/O floor)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [m for m in merge_runs.METHODS if any(s.method == m for s in measurements.series)]
-    labels = sorted({s.label for s in measurements.series}, key=lambda l: (l != "floor", l == "mergekit", l))
+    methods = [m for m in merge_runs.BENCH_METHODS if any(s.method == m for s in measurements.series)]
+    floors = {s.method: s.median_s for s in measurements.series if s.tool == "floor"}
+    labels = sorted({s.label for s in measurements.series if s.tool not in ("floor",)},
+                    key=lambda l: (l == "mergekit", l != "floor+fsync", l))
     width = 0.8 / max(1, len(labels))
-    figure, axes = plt.subplots(figsize=(9, 4.5))
+    figure, axes = plt.subplots(figsize=(max(9, 0.9 * len(methods)), 4.5))
     for index, label in enumerate(labels):
-        values = [next((s.median_s for s in measurements.series if s.label == label and s.method == m), 0.0)
+        values = [next((s.median_s / floors[m] for s in measurements.series if s.label == label and s.method == m), 0.0)
                   for m in methods]
         axes.bar([i + index * width for i in range(len(methods))], values, width, label=label)
-    axes.set_xticks([i + width * (len(labels) - 1) / 2 for i in range(len(methods))], methods)
+    axes.axhline(1.0, color="black", linewidth=0.8)
+    axes.set_xticks([i + width * (len(labels) - 1) / 2 for i in range(len(methods))], methods, rotation=30,
+                    ha="right")
     axes.set_yscale("log")
-    axes.set_ylabel("wall seconds (median, log scale)")
+    axes.set_ylabel("wall time / I/O floor (median, log scale)")
     axes.set_title(f"dtm bench merge: preset {measurements.preset}, "
                    f"{measurements.inputs_bytes / 1e9:.2f} GB of inputs")
     axes.legend()

@@ -14,8 +14,50 @@ from pathlib import Path
 
 from dtm_fast.errors import DtmError
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
+@dataclass(frozen=True)
+class BenchMethod:
+    """How one method is benchmarked: the same mergekit YAML for mergekit-yaml and dtm merge."""
+
+    base: bool  # merged against the base (the base is not one of the merged models)
+    per_model: tuple[tuple[str, object], ...] = ()  # parameters of every merged model
+    shared: tuple[tuple[str, object], ...] = ()
+    max_models: int | None = None  # merged models at most (slerp: one)
+
+
 DENSITY = 0.5
+# every method of mergekit's that dtm has, with the parameters a user typically sets
+BENCH_METHODS = {
+    "linear": BenchMethod(False, (("weight", 1.0),)),
+    "task_arithmetic": BenchMethod(True, (("weight", 1.0),), (("normalize", False),)),
+    "ties": BenchMethod(True, (("weight", 1.0), ("density", DENSITY)), (("normalize", True),)),
+    "dare_linear": BenchMethod(True, (("weight", 1.0), ("density", DENSITY))),
+    "dare_ties": BenchMethod(True, (("weight", 1.0), ("density", DENSITY)), (("normalize", True),)),
+    "breadcrumbs": BenchMethod(True, (("weight", 1.0), ("density", DENSITY), ("gamma", 0.01))),
+    "breadcrumbs_ties": BenchMethod(True, (("weight", 1.0), ("density", DENSITY), ("gamma", 0.01))),
+    "della": BenchMethod(True, (("weight", 1.0), ("density", DENSITY), ("epsilon", 0.1))),
+    "della_linear": BenchMethod(True, (("weight", 1.0), ("density", DENSITY), ("epsilon", 0.1))),
+    "slerp": BenchMethod(True, (), (("t", 0.5),), max_models=1),
+    "model_stock": BenchMethod(True),
+    "sce": BenchMethod(True, (), (("select_topk", 0.5),)),
+    "nuslerp": BenchMethod(False, (("weight", 1.0),), max_models=2),
+    "multislerp": BenchMethod(False, (("weight", 1.0),)),
+    "karcher": BenchMethod(False),
+    "nearswap": BenchMethod(True, (), (("t", 0.5),), max_models=1),
+    "arcee_fusion": BenchMethod(True, max_models=1),
+    "ram": BenchMethod(True),
+    "ramplus_tl": BenchMethod(True),
+    "passthrough": BenchMethod(False, max_models=1),
+}
+
+
+def available_methods() -> tuple[str, ...]:
+    """The benchmarked methods dtm has (in this order)."""
+    from dtm_fast.merge.methods import METHODS as REGISTERED
+
+    return tuple(name for name in BENCH_METHODS if name in REGISTERED)
+
+
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")  # the default selection: issue 3's four
 SEED = 0
 FLOOR_BUFFER_BYTES = 64 << 20
 
@@ -88,44 +130,60 @@ def model_bytes(directory: Path) -> int:
     return sum(path.stat().st_size for path in directory.glob("*.safetensors"))
 
 
-def dtm_command(method: str, backend: str, base: Path, models: list[Path], output: Path,
-                max_memory: str | None) -> list[str]:
-    command = [sys.executable, "-m", "dtm_fast.cli", "merge", "--method", method, "--backend", backend,
-               "--seed", str(SEED), "--quiet", "-o", str(output)]
-    if method != "linear":
-        command += ["--base", str(base)]
-    if method in ("ties", "dare_ties"):
-        command += ["--density", str(DENSITY), "--normalize"]
-    elif method == "task_arithmetic":
-        command += ["--no-normalize"]
-    if max_memory:
-        command += ["--max-memory", max_memory]
-    return command + [str(path) for path in models]
+def merged_models(method: str, models: list[Path]) -> list[Path]:
+    limit = BENCH_METHODS[method].max_models
+    return models[:limit] if limit else models
 
 
 def mergekit_config(method: str, base: Path, models: list[Path]) -> dict:
-    """The same merge as dtm_command's, in mergekit's YAML schema."""
-    parameters: dict = {"weight": 1.0}
-    if method in ("ties", "dare_ties"):
-        parameters["density"] = DENSITY
+    """The benchmarked merge in mergekit's YAML schema: what both tools run."""
+    spec = BENCH_METHODS[method]
     config: dict = {"merge_method": method, "dtype": "bfloat16",
-                    "models": [{"model": str(path), "parameters": dict(parameters)} for path in models]}
-    if method != "linear":
+                    "models": [{"model": str(path), **({"parameters": dict(spec.per_model)} if spec.per_model else {})}
+                               for path in merged_models(method, models)]}
+    if spec.base:
         config["base_model"] = str(base)
-        config["parameters"] = {"normalize": method in ("ties", "dare_ties")}
+    if spec.shared:
+        config["parameters"] = dict(spec.shared)
     return config
 
 
-def mergekit_command(method: str, base: Path, models: list[Path], output: Path, config_dir: Path) -> list[str] | None:
-    """The mergekit-yaml command for this merge, or None when mergekit is not installed."""
+def write_config(method: str, base: Path, models: list[Path], config_dir: Path) -> Path:
+    path = config_dir / f"merge-{method}.yml"
+    path.write_text(json.dumps(mergekit_config(method, base, models), indent=1))  # JSON is valid YAML
+    return path
+
+
+def dtm_command(config: Path, output: Path, backend: str | None, max_memory: str | None) -> list[str]:
+    """`dtm merge CONFIG OUT` as a user runs it: the YAML, the default backend unless one is asked."""
+    command = [sys.executable, "-m", "dtm_fast.cli", "merge", str(config), str(output), "--quiet", "--seed", str(SEED)]
+    if backend:
+        command += ["--backend", backend]
+    if max_memory:
+        command += ["--max-memory", max_memory]
+    return command
+
+
+def mergekit_command(config: Path, output: Path) -> list[str] | None:
+    """The mergekit-yaml command for this config, or None when mergekit is not installed."""
     executable = shutil.which("mergekit-yaml") or str(Path(sys.executable).with_name("mergekit-yaml"))
     if not Path(executable).is_file():
         return None
-    config_path = config_dir / f"mergekit-{method}.yml"
-    # JSON is valid YAML, so no YAML writer is needed
-    config_path.write_text(json.dumps(mergekit_config(method, base, models), indent=1))
-    return [executable, str(config_path), str(output), "--no-copy-tokenizer", "--quiet",
-            "--random-seed", str(SEED)]
+    return [executable, str(config), str(output), "--no-copy-tokenizer", "--quiet", "--random-seed", str(SEED)]
+
+
+def write_bytes_durably_s(path: Path, count: int, buffer: bytearray) -> float:
+    """Like write_bytes_s, then fsync: what publishing a durable output costs on top of writing."""
+    view = memoryview(buffer)
+    start = time.perf_counter()
+    with open(path, "wb", buffering=0) as file:
+        remaining = count
+        while remaining:
+            remaining -= file.write(view[:min(remaining, len(view))])
+        os.fsync(file.fileno())
+    elapsed = time.perf_counter() - start
+    path.unlink()
+    return elapsed
 
 
 def mergekit_version() -> str | None:

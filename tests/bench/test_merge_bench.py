@@ -46,7 +46,7 @@ def test_synthetic_models_load_in_transformers(tmp_path):
     assert merge_models.build_models(tmp_path, TINY, models=2, noise=1e-3) == (base, tuned)  # reused
 
 
-@pytest.mark.parametrize("method", merge_runs.METHODS)
+@pytest.mark.parametrize("method", list(merge_runs.BENCH_METHODS))
 def test_mergekit_accepts_the_configuration(tmp_path, method):
     pytest.importorskip("mergekit")
     from mergekit.config import MergeConfiguration
@@ -54,15 +54,21 @@ def test_mergekit_accepts_the_configuration(tmp_path, method):
     models = [tmp_path / "a", tmp_path / "b"]
     config = MergeConfiguration.model_validate(merge_runs.mergekit_config(method, tmp_path / "base", models))
     assert config.merge_method == method
-    assert len(config.models) == 2
-    assert (config.base_model is None) == (method == "linear")
+    spec = merge_runs.BENCH_METHODS[method]
+    assert len(config.models) == (spec.max_models or 2)
+    assert (config.base_model is None) == (not spec.base)
 
 
-def test_dtm_command_matches_the_mergekit_merge(tmp_path):
-    command = merge_runs.dtm_command("ties", "cpu", tmp_path / "base", [tmp_path / "a"], tmp_path / "o", "1GiB")
-    assert command[command.index("--density") + 1] == "0.5" and "--normalize" in command
-    assert command[command.index("--base") + 1] == str(tmp_path / "base")
-    assert "--base" not in merge_runs.dtm_command("linear", "cpu", tmp_path / "b", [tmp_path / "a"], tmp_path / "o", None)
+def test_every_benchmarked_config_merges_in_dtm(tmp_path):
+    """The YAML both tools run: dtm merge takes it for every method dtm has."""
+    from dtm_fast.cli import main as dtm
+
+    base, tuned = merge_models.build_models(tmp_path / "models", TINY, models=2, noise=1e-3)
+    for method in merge_runs.available_methods():
+        config = merge_runs.write_config(method, base, tuned, tmp_path)
+        command = merge_runs.dtm_command(config, tmp_path / f"out-{method}", None, "64MiB")
+        assert command[3:6] == ["merge", str(config), str(tmp_path / f"out-{method}")] and "--backend" not in command
+        assert dtm(command[3:]) == 0, method
 
 
 def test_peak_rss_of_a_child_is_measured(tmp_path):
@@ -103,7 +109,7 @@ def test_tiny_end_to_end_run(tmp_path, monkeypatch):
     assert bench_merge.run(args) == 0
     record = json.loads((tmp_path / "out" / "results.json").read_text())
     tools = {row[1] for row in record["table"]["rows"]}
-    assert tools == {"floor", "dtm (cpu)"}
+    assert tools == {"floor", "floor+fsync", "dtm (cpu)"}
     dtm = next(s for s in record["series"] if s["tool"] == "dtm")
     assert len(dtm["walls_s"]) == 2 and min(dtm["peak_rss_bytes"]) > record["baseline_rss_bytes"] // 2
     assert (tmp_path / "out" / "chart.png").stat().st_size > 1000
