@@ -62,6 +62,7 @@ def parse_size(text: str | int, what: str) -> int:
 class ModelInput:
     path: Path
     parameters: dict[str, Any] = field(default_factory=dict)
+    adapter: Path | None = None  # a LoRA adapter applied to this model on the fly (mergekit's model+lora)
 
 
 @dataclass(frozen=True)
@@ -258,15 +259,17 @@ def _models(value: Any, where: str) -> tuple[ModelInput, ...]:
     for index, item in enumerate(value):
         item_where = f"{where}[{index}]"
         if isinstance(item, Mapping):
-            unknown = set(item) - {"path", "model", "parameters"}
+            unknown = set(item) - {"path", "model", "parameters", "adapter"}
             if unknown:
                 raise DtmError(f"{item_where}: unknown key(s) {sorted(map(str, unknown))}; give path and parameters")
             path = item.get("path", item.get("model"))
             parameters = item.get("parameters") or {}
             if not isinstance(parameters, Mapping):
                 raise DtmError(f"{item_where}.parameters: expected a mapping, got {parameters!r}")
+            adapter = item.get("adapter")
             models.append(ModelInput(Path(_text(path, f"{item_where}.path")).expanduser(),
-                                     {str(k): v for k, v in parameters.items()}))
+                                     {str(k): v for k, v in parameters.items()},
+                                     Path(_text(adapter, f"{item_where}.adapter")).expanduser() if adapter else None))
         else:
             models.append(ModelInput(Path(_text(item, item_where)).expanduser()))
     return tuple(models)

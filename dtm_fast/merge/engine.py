@@ -60,6 +60,10 @@ def make_source(config: MergeConfig, inputs: Inputs) -> MergeSource:
         from dtm_fast.merge.slices import SlicedSource
 
         return SlicedSource(config, inputs)
+    if inputs.model_adapters:
+        from dtm_fast.merge.lora.on_models import AdaptedSource
+
+        return AdaptedSource(config, inputs)
     return CheckpointSource(config, inputs)
 
 

@@ -18,6 +18,7 @@ class Inputs:
     base: Checkpoint | None
     models: tuple[Checkpoint, ...]
     fishers: tuple[Checkpoint, ...]
+    model_adapters: tuple[Checkpoint | None, ...] = ()  # LoRA adapters applied to models (model+lora)
 
     @property
     def reference(self) -> Checkpoint:
@@ -28,7 +29,8 @@ class Inputs:
         return any(m.is_adapter for m in self.models)
 
     def all(self) -> list[Checkpoint]:
-        return ([self.base] if self.base is not None else []) + list(self.models) + list(self.fishers)
+        return ([self.base] if self.base is not None else []) + list(self.models) + list(self.fishers) + \
+            [a for a in self.model_adapters if a is not None]
 
 
 def open_inputs(config: MergeConfig, cache: Path) -> Inputs:
@@ -38,6 +40,14 @@ def open_inputs(config: MergeConfig, cache: Path) -> Inputs:
         raise DtmError(f"{config.base}: the base must be a full model, not a LoRA adapter")
     if any(m.is_adapter for m in models):
         return Inputs(base, models, ())  # adapters hold factors, not weights: merge/lora/adapters.py checks them
+    adapters = tuple(open_checkpoint(m.adapter, False, cache) if m.adapter is not None else None
+                     for m in config.models)
+    for model, adapter in zip(config.models, adapters):
+        if adapter is not None and not adapter.is_adapter:
+            raise DtmError(f"{model.adapter}: is not a LoRA adapter directory (adapter_config.json and "
+                           f"adapter_model.safetensors), so it cannot be applied to {model.path}")
+    if any(adapters) and (config.slices is not None or config.method_impl.needs_fisher):
+        raise DtmError(f"{config.source}: model+lora is not supported with slices or Fisher merging yet")
     reference = base if base is not None else models[0]
     if config.slices is None:  # slices read other layers of other models: merge/slices.py checks them
         check_agreement(reference, [m for m in models if m is not reference])
@@ -51,4 +61,4 @@ def open_inputs(config: MergeConfig, cache: Path) -> Inputs:
                 if entry is None or entry.shape != reference.tensors[name].shape or entry.dtype not in FLOAT_DTYPES:
                     raise DtmError(f"{fisher.label}: needs a float tensor {name!r} of shape "
                                    f"{list(reference.tensors[name].shape)} (the Fisher estimate of that weight)")
-    return Inputs(base, models, fishers)
+    return Inputs(base, models, fishers, adapters if any(adapters) else ())

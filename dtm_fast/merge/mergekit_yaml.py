@@ -19,7 +19,7 @@ from typing import Any
 
 from dtm_fast.errors import DtmError
 from dtm_fast.merge.config import MergeConfig
-from dtm_fast.merge.model_refs import resolve_model
+from dtm_fast.merge.model_refs import resolve_model, resolve_reference
 
 TOP_LEVEL_KEYS = {"models", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
                   "slices", "chat_template"}
@@ -151,12 +151,14 @@ def _model_entries(raw_models: Any, base: Path | None, method, path: Path, where
         extra = set(item) - {"model", "parameters"}
         if extra:
             raise DtmError(f"{item_where}: option(s) {sorted(map(str, extra))} not supported")
-        model_path = resolve_model(item["model"], path.parent, item_where)
+        model_path, adapter = resolve_reference(item["model"], path.parent, item_where)
         parameters = _parameters(item.get("parameters"), item_where)
-        if base is not None and model_path.resolve() == base.resolve() and method.base_role != "ignored":
+        if base is not None and model_path.resolve() == base.resolve() and method.base_role != "ignored" \
+                and adapter is None:
             ignored += [f"{name} (models[{index}], the base model)" for name in parameters]
             continue  # the task vectors' origin, not one of the merged models
-        models.append({"path": model_path, "parameters": _usable(method, parameters, "model", item_where, ignored)})
+        models.append({"path": model_path, "adapter": adapter,
+                       "parameters": _usable(method, parameters, "model", item_where, ignored)})
     return models
 
 

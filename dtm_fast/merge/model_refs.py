@@ -2,7 +2,7 @@
 working directory or to the config file), or a Hugging Face hub id (`org/name`, `org/name@revision`)
 found in the local Hugging Face cache. Nothing is ever downloaded: a hub model that is not in the
 cache is a clear error saying how to get it. mergekit's `model+lora` names a LoRA adapter applied to
-that model; it is refused here with what to do instead."""
+that model, applied on the fly (merge/lora/on_models.py)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,21 @@ from dtm_fast.errors import DtmError
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
+def resolve_reference(reference: Any, config_dir: Path, where: str) -> tuple[Path, Path | None]:
+    """(model directory, LoRA adapter directory or None) of a `model` or `model+lora` reference."""
+    if isinstance(reference, str) and "+" in reference and not Path(reference.strip()).exists():
+        model, _, adapter = reference.strip().partition("+")
+        return resolve_model(model, config_dir, where), resolve_model(adapter, config_dir, f"{where} (its LoRA)")
+    return resolve_model(reference, config_dir, where), None
+
+
 def resolve_model(reference: Any, config_dir: Path, where: str) -> Path:
     if not isinstance(reference, str) or not reference.strip():
         raise DtmError(f"{where}: expected a model path or hub id, got {reference!r}")
     reference = reference.strip()
     if "+" in reference and not Path(reference).exists():
-        model, _, adapter = reference.partition("+")
-        raise DtmError(f"{where}: {reference!r} applies the LoRA adapter {adapter!r} to {model!r} (mergekit's "
-                       "model+lora); dtm merges such sub-models as adapters: merge the adapter directories with "
-                       f"`--base {model}` (dtm merge applies each to the base on the fly, see docs/lora.md)")
+        raise DtmError(f"{where}: {reference!r} applies a LoRA adapter (mergekit's model+lora), which dtm reads for "
+                       "merged models only, not here")
     path = Path(reference).expanduser()
     for candidate in ([path] if path.is_absolute() else [path, config_dir / path]):
         if candidate.exists():

@@ -42,7 +42,8 @@ def fingerprint(config: "MergeConfig", plan: "OutputPlan", identities: dict, sou
     return {
         "method": config.method,
         "parameters": config.parameters,
-        "models": [{"path": str(m.path), "parameters": m.parameters} for m in config.models],
+        "models": [{"path": str(m.path), "parameters": m.parameters,
+                    **({"adapter": str(m.adapter)} if m.adapter is not None else {})} for m in config.models],
         "base": str(config.base) if config.base is not None else None,
         "inputs": identities,
         "dtype": config.dtype,
@@ -85,10 +86,12 @@ def _changed(old: dict, new: dict) -> bool:
 def record(config: "MergeConfig", inputs: "Inputs", identities: dict, backend_name: str | None,
            copied: list[str], nonfinite: list[dict], source_fields: dict) -> dict:
     """dtm_merge.json: what was merged from what, how, by which version."""
-    def described(path, checkpoint, parameters=None) -> dict:
+    def described(path, checkpoint, parameters=None, adapter=None) -> dict:
         entry = {"path": str(path), **identities[checkpoint.label]}
         if parameters is not None:
             entry["parameters"] = parameters
+        if adapter is not None:
+            entry["adapter"] = {"path": str(adapter.path), **identities[adapter.label]}
         return entry
 
     return {
@@ -97,7 +100,8 @@ def record(config: "MergeConfig", inputs: "Inputs", identities: dict, backend_na
         "method": config.method,
         "parameters": config.parameters,
         "base": described(config.base, inputs.base) if inputs.base is not None else None,
-        "models": [described(m.path, c, m.parameters) for m, c in zip(config.models, inputs.models)],
+        "models": [described(m.path, c, m.parameters, a) for m, c, a in
+                   zip(config.models, inputs.models, inputs.model_adapters or (None,) * len(config.models))],
         "dtype": config.dtype,
         "seed": config.seed,
         "backend": backend_name,

@@ -180,7 +180,7 @@ def merge(paths, names, out, *options) -> int:
                 "--backend", "reference", "--quiet", *options])
 
 
-def run_mergekit(config: Path, output: Path) -> None:
+def run_mergekit(config: Path, output: Path, *options: str) -> None:
     """mergekit-yaml (the peer tool) on a config; skips the test when mergekit is not installed."""
     import shutil
     import subprocess
@@ -189,5 +189,5 @@ def run_mergekit(config: Path, output: Path) -> None:
     mergekit = shutil.which("mergekit-yaml", path=str(Path(sys.executable).parent))
     if mergekit is None:
         pytest.skip("mergekit is not installed")
-    subprocess.run([mergekit, str(config), str(output), "--quiet"], check=True, capture_output=True,
+    subprocess.run([mergekit, str(config), str(output), "--quiet", *options], check=True, capture_output=True,
                    env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})

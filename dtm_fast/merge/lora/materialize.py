@@ -46,32 +46,51 @@ class TorchViewStream(TensorStream):
 
 
 class LoraTensorStream(TorchViewStream):
-    """A tensor's chunks where model i is the virtual sub-model base + s_i B_i A_i (fp32).
+    """A tensor's chunks where model i is the virtual sub-model W_i + s_i B_i A_i (fp32), W_i being
+    the base (--lora-mode materialize: `sources[i]` None) or model i's own tensor (mergekit's
+    model+lora, lora/on_models.py).
 
     `deltas[i]` is (s_i, B_i (out x r), A_i (r x in)) in fp32, or None for an adapter that does not
-    touch this tensor (its sub-model equals the base here). Input slot 0 holds the base chunk,
-    slot 1 + i model i's chunk."""
+    touch this tensor. Input slot 0 holds the base chunk (when there is one), the next slots the
+    models' chunks."""
 
-    def __init__(self, *args, deltas: Sequence[tuple[float, torch.Tensor, torch.Tensor] | None], **kwargs):
+    def __init__(self, *args, deltas: Sequence[tuple[float, torch.Tensor, torch.Tensor] | None],
+                 sources: Sequence = (), **kwargs):
         super().__init__(*args, **kwargs)
         self.deltas = list(deltas)
+        self.sources = list(sources) or [None] * len(self.deltas)
+        self._raw = None  # one model's stored bytes before widening, reused chunk after chunk
         if self.chunk_elements % (ROW_BLOCK * self.context.row_length):
             raise ValueError("chunks of a LoRA-targeted tensor must hold whole row blocks")
 
-    def read(self, slot: int, start: int, stop: int) -> Chunk:
-        count = stop - start
-        entry = self.base_entry
+    def _read_raw(self, entry, raw, start: int, count: int):
         size = DTYPE_SIZES[entry.dtype]
-        raw = self.buffers.inputs[slot][0][: count * size]
+        raw = raw[: count * size]
         read_exact(self.files.fd(entry.path), memoryview(raw), entry.offset + start * size, entry.path)
         self.io.nonfinite.check(id(self), self.context.name, str(entry.path), start, raw, entry.dtype)
-        base = self.view(raw, entry.dtype)
+        return raw
+
+    def read(self, slot: int, start: int, stop: int) -> Chunk:
+        import numpy as np
+
+        count = stop - start
+        raws, base = [], None
+        if self.base_entry is not None:
+            raws.append(self._read_raw(self.base_entry, self.buffers.inputs[slot][0], start, count))
+            base = self.view(raws[0], self.base_entry.dtype)
         row_length = self.context.row_length
         first_row = start // row_length
         models = []
-        for index, delta in enumerate(self.deltas):
-            model = self.view(self.buffers.inputs[slot][1 + index][: count * FACTOR_ITEMSIZE], "F32")
-            model.copy_(base)
+        first_model_slot = int(self.base_entry is not None)
+        for index, (delta, source) in enumerate(zip(self.deltas, self.sources)):
+            model = self.view(self.buffers.inputs[slot][first_model_slot + index][: count * FACTOR_ITEMSIZE], "F32")
+            if source is None:
+                model.copy_(base)
+            else:
+                if self._raw is None:
+                    widest = max(DTYPE_SIZES[s.dtype] for s in self.sources if s is not None)
+                    self._raw = np.empty(self.chunk_elements * widest, dtype=np.uint8)
+                model.copy_(self.view(self._read_raw(source, self._raw, start, count), source.dtype))
             if delta is not None:
                 scale, b, a = delta
                 rows = model.view(-1, row_length)  # (rows in chunk, in)
@@ -80,7 +99,7 @@ class LoraTensorStream(TorchViewStream):
                     row = first_row + block_start
                     block.addmm_(b[row: row + block.shape[0]], a, alpha=scale)  # += s * B[rows] @ A
             models.append(model)
-        return Chunk(start, count, base, models, [], [raw])
+        return Chunk(start, count, base, models, [], raws)
 
 
 def factor_bytes(adapters: Sequence[LoraAdapter], weight_name: str) -> int:
