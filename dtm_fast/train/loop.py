@@ -7,16 +7,20 @@ its summed token losses by world_size / (response tokens in the global batch) an
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dtm_fast import ui
+from dtm_fast.errors import Interrupted
 from dtm_fast.data.chat import TokenizedExample, TokenizeReport, tokenize_conversations
 from dtm_fast.data.packing import RowSchedule, collate, pack_rows
 from dtm_fast.data.records import load_conversations
@@ -30,6 +34,8 @@ from dtm_fast.train.model import (apply_lora, base_dtype_name, decoder_layers, l
                                   parameter_count, select_attention)
 from dtm_fast.train.parallel import (Runtime, all_reduce_sum, autocast, barrier, close_runtime, compute_dtype,
                                      init_runtime, parallelize)
+from dtm_fast.train.preflight import TOOL, check_inputs_and_outputs
+from dtm_fast.train.resume import choose_checkpoint, run_identity
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +98,17 @@ class Trainer:
         import torch
 
         config, runtime = self.config, self.runtime
+        check_inputs_and_outputs(config)
         self.grad_accumulation = config.gradient_accumulation(runtime.world_size)
+        self.identity = run_identity(config)
+        self.resume_from = choose_checkpoint(config, self.identity)
+        if config.fresh and runtime.is_main:
+            removed = checkpoints.remove_checkpoints(config.checkpoints_path)
+            if removed:
+                ui.info(f"fresh start: removed the checkpoints of steps {', '.join(map(str, removed))} in "
+                        f"{config.checkpoints_path}")
+        barrier(runtime)
+        self.last_checkpoint = self.resume_from[0] if self.resume_from else None
         self.attention = select_attention(config.attention, runtime.device.type)
         self.param_dtype = compute_dtype(config.mixed_precision, runtime.device.type)
         _seed_everything(config.seed)
@@ -183,15 +199,10 @@ class Trainer:
     def train(self) -> TrainResult:
         config, runtime = self.config, self.runtime
         start_step = 0
-        if config.resume:
-            start_step = checkpoints.load_checkpoint(config.checkpoints_path, self.model, self.optimizer,
+        if self.resume_from is not None:
+            start_step = checkpoints.load_checkpoint(self.resume_from[1], self.model, self.optimizer,
                                                      self.scheduler, runtime)
-            ui.info(f"resumed from step {start_step} ({config.checkpoints_path})")
-        elif runtime.is_main and checkpoints.complete_checkpoints(config.checkpoints_path):
-            # a later `resume` must never pick up a checkpoint of the earlier run
-            ui.warn(f"{config.checkpoints_path} holds checkpoints of an earlier run; starting fresh "
-                    "(set resume: true to continue it) and removing them")
-            checkpoints.remove_checkpoints(config.checkpoints_path)
+            ui.info(f"continuing from the checkpoint of step {start_step} ({self.resume_from[1]})")
         self.metrics_log.start(start_step)
         result = TrainResult(Path(config.output_dir), self.total_steps, data_report=self.report)
         started = time.perf_counter()
@@ -218,7 +229,8 @@ class Trainer:
                 if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 \
                         and step + 1 < self.total_steps:
                     checkpoints.save_checkpoint(config.checkpoints_path, step + 1, self.model, self.optimizer,
-                                                self.scheduler, runtime, config.keep_checkpoints)
+                                                self.scheduler, runtime, config.keep_checkpoints, self.identity)
+                    self.last_checkpoint = step + 1
         wall = time.perf_counter() - started
         result.non_padding_share = real_total / padded_total if padded_total else 0.0
         result.tokens_per_s = real_total / wall if wall > 0 else 0.0
@@ -239,7 +251,7 @@ class Trainer:
                                              self.tokenizer.pad_token_id,
                                              functools.partial(autocast, runtime, self.param_dtype),
                                              lora=config.finetuning == "lora")
-        with exporting.StagingDir(output, runtime) as staging:
+        with exporting.StagingDir(output, runtime, TOOL, MANIFEST_NAME) as staging:
             if config.finetuning == "lora":
                 exporting.write_adapter(staging, self.model, runtime, base_dir)
                 if runtime.is_main:
@@ -265,7 +277,7 @@ class Trainer:
         report = self.report
         manifest = build_manifest(
             config.to_dict(),
-            describe_inputs(Path(config.model), config.gguf_file, list(config.data)),
+            describe_inputs(Path(config.model), config.gguf_file, list(config.data), self.identity["data_sha256"]),
             {"kind": "lora_adapter" if config.finetuning == "lora" else "hf_model", "steps": self.total_steps,
              "final_loss": records[-1]["loss"] if records else None, "world_size": self.runtime.world_size,
              "examples": report.examples, "truncated": report.truncated,
@@ -275,20 +287,55 @@ class Trainer:
         exporting.write_json(staging / MANIFEST_NAME, manifest)
 
 
+    def interrupted_message(self) -> str:
+        """What the user does after Ctrl-C or SIGTERM, in exact words."""
+        directory = self.config.checkpoints_path
+        if self.last_checkpoint:
+            return (f"the last checkpoint (step {self.last_checkpoint}) is kept in {directory}; rerun the same command "
+                    "to continue from it (add --fresh to start over instead)")
+        if self.config.checkpoint_every:
+            return (f"no checkpoint was written yet (the first comes at step {self.config.checkpoint_every}); "
+                    "rerunning the same command starts from step 0")
+        return "no checkpoint was written (checkpoint_every is 0); rerunning the same command starts from step 0"
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (what torchrun, SLURM and `kill` send) ends the run like Ctrl-C: with the message that
+    says how to continue, instead of dying mid-sentence."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Run one training job in this process (one rank of it under torchrun)."""
     config.require_paths()
     runtime = init_runtime()
+    trainer = Trainer(config, runtime)
     try:
-        trainer = Trainer(config, runtime)
-        trainer.build()
-        trainer.describe()
-        result = trainer.train()
-        barrier(runtime)
-        trainer.export(result)
+        with sigterm_as_interrupt():
+            trainer.build()
+            trainer.describe()
+            result = trainer.train()
+            barrier(runtime)
+            trainer.export(result)
         if result.tokens_per_s:
             ui.info(f"trained {len(result.losses)} steps at {result.tokens_per_s:,.0f} tokens/s; non-padding "
                     f"share {result.non_padding_share:.1%}")
         return result
+    except KeyboardInterrupt:
+        if not hasattr(trainer, "last_checkpoint"):  # interrupted before the checkpoints were looked at
+            raise Interrupted("nothing was trained yet; rerun the same command to start") from None
+        raise Interrupted(trainer.interrupted_message()) from None
     finally:
         close_runtime(runtime)

@@ -31,25 +31,38 @@ def select_attention(requested: str, device_type: str) -> str:
     return requested
 
 
-def _check_model_dir(config: TrainConfig) -> Path:
+def check_model_dir(config: TrainConfig) -> Path:
+    """The base model directory, refused with a one-line reason when it cannot be trained from:
+    missing, unreadable, without config.json, or holding only pickle weights (never loaded here:
+    unpickling can run code)."""
     path = Path(config.model)
     if not path.is_dir():
         raise DtmError(f"model: {path} is not a directory; give a local Hugging Face model directory "
                        "(config.json + safetensors) or the directory holding gguf_file")
+    try:
+        names = {child.name for child in path.iterdir()}
+    except OSError as error:
+        raise DtmError(f"model: cannot read {path} ({error.strerror}); check its permissions") from None
     if config.gguf_file:
         if not (path / config.gguf_file).is_file():
             raise DtmError(f"gguf_file: {path / config.gguf_file}: no such file")
-    elif not (path / "config.json").is_file():
-        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        return path
+    if "config.json" not in names:
+        ggufs = sorted(name for name in names if name.endswith(".gguf"))
         hint = f"; it holds {ggufs[0]}: set gguf_file" if ggufs else ""
         raise DtmError(f"model: {path} has no config.json{hint}")
+    if not any(name.endswith(".safetensors") for name in names) and any(name.endswith(".bin") for name in names):
+        raise DtmError(
+            f"model: {path} holds only pickle weights (*.bin); dtm train never unpickles (a pickle can run code). "
+            "Convert it to safetensors once, e.g. python -c \"from transformers import AutoModelForCausalLM as M; "
+            f"M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\", and train from that directory")
     return path
 
 
 def load_tokenizer(config: TrainConfig) -> Any:
     from transformers import AutoTokenizer
 
-    path = _check_model_dir(config)
+    path = check_model_dir(config)
     kwargs = {"gguf_file": config.gguf_file} if config.gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
     if tokenizer.pad_token_id is None:
@@ -64,7 +77,7 @@ def load_model(config: TrainConfig, attention: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    path = _check_model_dir(config)
+    path = check_model_dir(config)
     kwargs: dict[str, Any] = {"gguf_file": config.gguf_file} if config.gguf_file else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
