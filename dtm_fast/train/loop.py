@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import random
 import signal
 import threading
@@ -30,10 +29,11 @@ from dtm_fast.train.config import TrainConfig
 from dtm_fast.train.fisher import estimate_fisher
 from dtm_fast.train.manifest import MANIFEST_NAME, build_manifest, describe_inputs
 from dtm_fast.train.metrics import MetricsLog, plot_loss
-from dtm_fast.train.model import (apply_lora, base_dtype_name, decoder_layers, load_model, load_tokenizer,
-                                  parameter_count, select_attention)
+from dtm_fast.train.loading import build_sharded
+from dtm_fast.train.model import load_tokenizer, parameter_count, select_attention
+from dtm_fast.train.optim import build_optimizer
 from dtm_fast.train.parallel import (Runtime, all_reduce_sum, autocast, barrier, close_runtime, compute_dtype,
-                                     init_runtime, parallelize)
+                                     init_runtime)
 from dtm_fast.train.preflight import TOOL, check_inputs_and_outputs
 from dtm_fast.train.resume import choose_checkpoint, run_identity
 
@@ -48,18 +48,6 @@ class TrainResult:
     data_report: TokenizeReport | None = None
     non_padding_share: float = 0.0
     tokens_per_s: float = 0.0
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str, min_ratio: float) -> float:
-    """Multiplier of the base learning rate for optimizer step `step` (0-based)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if kind == "constant":
-        return 1.0
-    if kind == "linear":
-        return min_ratio + (1 - min_ratio) * (1 - progress)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def prepare_data(config: TrainConfig, tokenizer: Any) -> tuple[list[TokenizedExample], list[list[int]], TokenizeReport]:
@@ -95,8 +83,6 @@ class Trainer:
 
     # ---- build ------------------------------------------------------------------------------
     def build(self) -> None:
-        import torch
-
         config, runtime = self.config, self.runtime
         check_inputs_and_outputs(config)
         self.grad_accumulation = config.gradient_accumulation(runtime.world_size)
@@ -117,23 +103,11 @@ class Trainer:
         self.schedule = RowSchedule(len(self.rows), config.batch_size, config.seed)
         self.total_steps = config.max_steps or self.schedule.total_steps(config.epochs)
 
-        model = load_model(config, self.attention)
-        self.export_dtype = base_dtype_name(config, model)
-        if config.finetuning == "lora":
-            model = apply_lora(model, config)
-        self.trainable = parameter_count(model, trainable_only=True)
-        self.total_parameters = parameter_count(model)
-        self.model = parallelize(model, runtime, decoder_layers(model), self.param_dtype,
-                                 config.activation_checkpointing)
+        self.model, self.export_dtype = build_sharded(config, self.attention, runtime, self.param_dtype)
+        self.trainable = parameter_count(self.model, trainable_only=True)
+        self.total_parameters = parameter_count(self.model)
         self.model.train()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-            weight_decay=config.weight_decay, fused=runtime.device.type == "cuda")
-        warmup = math.ceil(config.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
-            lr_factor, total_steps=self.total_steps, warmup_steps=warmup, kind=config.lr_scheduler,
-            min_ratio=config.min_lr_ratio))
+        self.optimizer, self.scheduler = build_optimizer(self.model, config, self.total_steps, runtime.device.type)
         self.metrics_log = MetricsLog(config.checkpoints_path / "metrics.jsonl", runtime.is_main)
 
     def describe(self) -> None:

@@ -80,23 +80,18 @@ def load_model(config: TrainConfig, attention: str) -> Any:
     path = check_model_dir(config)
     kwargs: dict[str, Any] = {"gguf_file": config.gguf_file} if config.gguf_file else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
-                                                     attn_implementation=attention, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, output_loading_info=True,
+                                                           attn_implementation=attention, **kwargs)
     except (OSError, ValueError) as error:
         raise DtmError(f"model: cannot load {path} as a causal language model: {error}") from None
+    # transformers fills weights a checkpoint lacks with random values and only logs it: training
+    # such a model would silently start from a different network
+    missing = sorted(info.get("missing_keys") or []) + sorted(info.get("mismatched_keys") or [])
+    if missing:
+        raise DtmError(f"model: {path} lacks {len(missing)} weight(s) its architecture needs (or has them in other "
+                       f"shapes), e.g. {missing[0]!r}; the checkpoint is incomplete or of another architecture")
     model.config.use_cache = False  # a cache would disable the packed-sequence masks
     return model
-
-
-def base_dtype_name(config: TrainConfig, model: Any) -> str:
-    """The dtype the base checkpoint was stored in; the export writes the same unless told."""
-    if config.export_dtype != "auto":
-        return config.export_dtype
-    if config.gguf_file:
-        return "float32"  # de-quantised GGUF weights have no narrower faithful dtype
-    stored = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
-    name = str(stored).replace("torch.", "") if stored is not None else "float32"
-    return name if name in ("float32", "bfloat16", "float16") else "float32"
 
 
 def apply_lora(model: Any, config: TrainConfig) -> Any:

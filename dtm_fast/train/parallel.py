@@ -64,8 +64,10 @@ def compute_dtype(mixed_precision: str, device_type: str):
     return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
 
 
-def parallelize(model: Any, runtime: Runtime, layers: list[Any], param_dtype, activation_checkpointing: bool) -> Any:
-    """Apply activation checkpointing and FSDP2 sharding from outside the model code."""
+def parallelize(model: Any, runtime: Runtime, layers: list[Any], param_dtype, activation_checkpointing: bool,
+                compile_layers: bool = False) -> Any:
+    """Apply activation checkpointing, torch.compile and FSDP2 sharding from outside the model code.
+    The model may still be on the meta device; its tensors are not moved here."""
     import torch
 
     if activation_checkpointing:
@@ -76,8 +78,13 @@ def parallelize(model: Any, runtime: Runtime, layers: list[Any], param_dtype, ac
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compile_layers:
+        # in place (nn.Module.compile): the parameters keep their names, which checkpoints and the
+        # export rely on; one compiled graph per decoder layer, as torchtitan does
+        for layer in layers:
+            layer.compile()
     if not runtime.distributed:
-        return model.to(runtime.device)
+        return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
