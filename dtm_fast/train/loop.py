@@ -32,6 +32,7 @@ from dtm_fast.train.metrics import MetricsLog, plot_loss
 from dtm_fast.train.loading import build_sharded
 from dtm_fast.train.model import load_tokenizer, parameter_count, select_attention
 from dtm_fast.train.optim import build_optimizer
+from dtm_fast.train.plan import check_fits
 from dtm_fast.train.parallel import (Runtime, all_reduce_sum, autocast, barrier, close_runtime, compute_dtype,
                                      init_runtime)
 from dtm_fast.train.preflight import TOOL, check_inputs_and_outputs
@@ -97,6 +98,7 @@ class Trainer:
         self.last_checkpoint = self.resume_from[0] if self.resume_from else None
         self.attention = select_attention(config.attention, runtime.device.type)
         self.param_dtype = compute_dtype(config.mixed_precision, runtime.device.type)
+        self.plan = check_fits(config, runtime.world_size, runtime.device.type, runtime.local_world_size)
         _seed_everything(config.seed)
         self.tokenizer = load_tokenizer(config)
         self.examples, self.rows, self.report = prepare_data(config, self.tokenizer)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +106,17 @@ def apply_lora(model: Any, config: TrainConfig) -> Any:
                                if type(module).__name__ == "Linear"})
         raise DtmError(f"lora_target_modules: the model has no module named {', '.join(missing)}; "
                        f"its linear layers are {', '.join(linear_names)}")
+    widths = [min(module.in_features, module.out_features) for name, module in model.named_modules()
+              if name.rsplit(".", 1)[-1] in config.lora_target_modules and hasattr(module, "in_features")]
+    if widths and config.lora_r > min(widths):
+        raise DtmError(f"lora_r {config.lora_r} is larger than the narrowest targeted layer ({min(widths)}); "
+                       "a rank beyond a layer's width adds nothing: lower lora_r")
     lora_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                              target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(model, lora_config)
+    with warnings.catch_warnings():
+        # peft asks transformers >= 5 through a deprecated name; nothing the user can act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora_config)
 
 
 def decoder_layers(model: Any) -> list[Any]:

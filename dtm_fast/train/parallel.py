@@ -20,6 +20,7 @@ class Runtime:
     world_size: int
     local_rank: int
     device: Any  # torch.device
+    local_world_size: int = 1  # ranks on this node (they share its host memory)
 
     @property
     def distributed(self) -> bool:
@@ -46,7 +47,8 @@ def init_runtime() -> Runtime:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
                                 if device.type == "cuda" else None)
-    return Runtime(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return Runtime(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                   local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def close_runtime(runtime: Runtime) -> None:
