@@ -21,7 +21,7 @@ from typing import Any
 from dtm_fast import ui
 from dtm_fast.errors import Interrupted
 from dtm_fast.data.chat import TokenizedExample, TokenizeReport, tokenize_conversations
-from dtm_fast.data.packing import RowSchedule, collate, pack_rows
+from dtm_fast.data.packing import RowSchedule, collate, collate_flat, pack_rows
 from dtm_fast.data.records import load_conversations
 from dtm_fast.train import checkpoint as checkpoints
 from dtm_fast.train import export as exporting
@@ -30,9 +30,11 @@ from dtm_fast.train.fisher import estimate_fisher
 from dtm_fast.train.manifest import MANIFEST_NAME, build_manifest, describe_inputs
 from dtm_fast.train.metrics import MetricsLog, plot_loss
 from dtm_fast.train.loading import build_sharded
-from dtm_fast.train.model import load_tokenizer, parameter_count, select_attention
+from dtm_fast.train.model import (decoder_layers, load_tokenizer, parameter_count, select_attention,
+                                  uses_varlen_batches)
 from dtm_fast.train.optim import build_optimizer
 from dtm_fast.train.plan import check_fits
+from dtm_fast.train.throughput import device_peak, flop_model, mfu
 from dtm_fast.train.parallel import (Runtime, all_reduce_sum, autocast, barrier, close_runtime, compute_dtype,
                                      init_runtime)
 from dtm_fast.train.preflight import TOOL, check_inputs_and_outputs
@@ -110,6 +112,8 @@ class Trainer:
         self.total_parameters = parameter_count(self.model)
         self.model.train()
         self.optimizer, self.scheduler = build_optimizer(self.model, config, self.total_steps, runtime.device.type)
+        self.flops = flop_model(self.model, len(decoder_layers(self.model)))
+        self.peak_flops, self.peak_source = device_peak(runtime.device, self.param_dtype, config.peak_tflops)
         self.metrics_log = MetricsLog(config.checkpoints_path / "metrics.jsonl", runtime.is_main)
 
     def describe(self) -> None:
@@ -122,6 +126,8 @@ class Trainer:
                 f"responses) in {len(self.rows)} rows of <= {config.max_length} tokens"
                 f"{' (packed)' if config.packing else ''}; {self.total_steps} steps of {config.batch_size} rows "
                 f"({self.grad_accumulation} micro-batch(es) of {config.micro_batch_size} per rank per step)")
+        ui.info(f"MFU against {self.peak_source} per device" if self.peak_flops else f"MFU not reported: "
+                f"{self.peak_source}")
         if report.truncated:
             ui.warn(f"{report.truncated} example(s) longer than max_length {config.max_length} were truncated")
         if report.dropped_too_long:
@@ -136,9 +142,15 @@ class Trainer:
         global_rows = self.schedule.rows_for_step(step)
         per_rank = config.batch_size // runtime.world_size
         mine = global_rows[runtime.rank * per_rank:(runtime.rank + 1) * per_rank]
-        return [collate(self.examples, [self.rows[i] for i in mine[start:start + config.micro_batch_size]],
-                        self.tokenizer.pad_token_id)
-                for start in range(0, len(mine), config.micro_batch_size)]
+        micro = [[self.rows[i] for i in mine[start:start + config.micro_batch_size]]
+                 for start in range(0, len(mine), config.micro_batch_size)]
+        if uses_varlen_batches(self.attention):
+            return [collate_flat(self.examples, rows) for rows in micro]
+        return [collate(self.examples, rows, self.tokenizer.pad_token_id) for rows in micro]
+
+    def _sequence_lengths(self, step: int) -> list[int]:
+        """Every example's length in the global batch of `step` (all ranks), for its FLOPs."""
+        return [len(self.examples[index]) for row in self.schedule.rows_for_step(step) for index in self.rows[row]]
 
     def train_step(self, step: int) -> dict[str, float]:
         import torch
@@ -154,7 +166,7 @@ class Trainer:
         for batch in batches:
             with autocast(runtime, self.param_dtype):
                 logits = self.model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
-                                    use_cache=False).logits  # (rows, length, vocab)
+                                    use_cache=False, **batch.attention_kwargs(device)).logits  # (rows, length, vocab)
             token_loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.to(device).flatten(),
                                          ignore_index=-100, reduction="sum")
             (token_loss * scale).backward()
@@ -193,8 +205,12 @@ class Trainer:
                 real_total += record["tokens"]
                 padded_total += record["padded_tokens"]
                 result.losses.append(record["loss"])
+                step_flops = self.flops.step_flops(self._sequence_lengths(step))
+                utilisation = mfu(step_flops, elapsed, runtime.world_size, self.peak_flops)
                 line = {"step": step + 1, "loss": record["loss"], "lr": record["lr"],
                         "grad_norm": record["grad_norm"], "tokens_per_s": record["tokens"] / elapsed,
+                        "tokens_per_s_per_device": record["tokens"] / elapsed / runtime.world_size,
+                        "mfu": round(utilisation, 4) if utilisation is not None else None,
                         "epoch": round(self.schedule.epoch_at(step + 1), 4),
                         "memory_mib": round(_memory_in_use(runtime) / 2**20, 1)}
                 self.metrics_log.append(line)

@@ -32,6 +32,14 @@ def select_attention(requested: str, device_type: str) -> str:
     return requested
 
 
+def uses_varlen_batches(attention: str) -> bool:
+    """flash-attention runs packed rows through its variable-length kernel, given the cumulative
+    sequence lengths of a flattened batch (collate_flat) rather than boundaries it would infer
+    from position_ids; sdpa and eager keep padded rows and derive block-diagonal masks from the
+    position_ids restarts."""
+    return attention == "flash_attention_2"
+
+
 def check_model_dir(config: TrainConfig) -> Path:
     """The base model directory, refused with a one-line reason when it cannot be trained from:
     missing, unreadable, without config.json, or holding only pickle weights (never loaded here:
