@@ -131,7 +131,10 @@ def decoder_layers(model: Any) -> list[Any]:
     """The transformer blocks: modules of the classes the model itself declares unsplittable."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     block_names = set(getattr(base, "_no_split_modules", None) or [])
-    layers = [module for module in model.modules() if type(module).__name__ in block_names]
+    # by class name anywhere in the class's ancestry: fully_shard swaps a module's class for a
+    # subclass (FSDPLlamaDecoderLayer) and compiled or wrapped layers keep theirs as a base
+    layers = [module for module in model.modules()
+              if any(cls.__name__ in block_names for cls in type(module).__mro__)]
     if not layers:
         raise DtmError(f"cannot find the decoder layers of {type(base).__name__} (its _no_split_modules "
                        "is empty); this architecture is not supported for sharded training")
