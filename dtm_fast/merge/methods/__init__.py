@@ -3,6 +3,7 @@
 from dtm_fast.merge.methods.base import MergeMethod
 from dtm_fast.merge.methods.breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from dtm_fast.merge.methods.dare import DareLinear, DareTies
+from dtm_fast.merge.methods.della import Della, DellaLinear
 from dtm_fast.merge.methods.fisher import Fisher
 from dtm_fast.merge.methods.linear import Linear
 from dtm_fast.merge.methods.model_stock import ModelStock
@@ -14,7 +15,7 @@ METHODS: dict[str, MergeMethod] = {
     method.name: method
     for method in (
         Linear(), TaskArithmetic(), Ties(), DareLinear(), DareTies(), Breadcrumbs(), BreadcrumbsTies(),
-        Slerp(), ModelStock(), Fisher(),
+        Slerp(), ModelStock(), Fisher(), Della(), DellaLinear(),
     )
 }
 

@@ -1,0 +1,127 @@
+"""DELLA / della_linear: the native MagPrune equals the reference bit for bit (masks and values), the
+kept fraction follows the rank-scaled probabilities, streamed merges equal the whole-tensor
+definition, and a mergekit config gives mergekit's result in distribution (mergekit draws its
+masks with torch.bernoulli, so only statistics can be compared)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import load_state, run_mergekit, write_safetensors
+from dtm_fast.cli import main as dtm
+from dtm_fast.merge import rng
+from dtm_fast.merge.backends.reference import ReferenceBackend
+from dtm_fast.merge.config import MergeConfig, ModelInput
+from dtm_fast.merge.methods import METHODS
+from dtm_fast.merge.methods.base import TensorContext
+
+REFERENCE = ReferenceBackend()
+
+
+@pytest.fixture
+def cpu_backend():
+    from dtm_fast.merge.backends import native
+    from dtm_fast.merge.backends.cpu import CpuBackend
+
+    if native.unavailable_reason():
+        pytest.skip(native.unavailable_reason())
+    return CpuBackend()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows,row_length", [(1, 1), (3, 7), (5, 2049), (40, 300)])
+def test_native_magprune_equals_the_reference(cpu_backend, dtype, rows, row_length):
+    generator = torch.Generator().manual_seed(rows * row_length)
+    base = torch.randn(rows * row_length, generator=generator).to(dtype)
+    model = (base.float() + 0.01 * torch.randn(base.shape, generator=generator)).to(dtype)
+    model[::11] = base[::11]  # equal magnitudes (zero deltas): ties broken by position
+    key = rng.philox_key(3, "layers.0.mlp.weight", 1)
+    for out_dtype in (torch.float32, dtype):
+        expected, actual = torch.empty(base.numel(), dtype=out_dtype), torch.full((base.numel(),), 7.0, dtype=out_dtype)
+        sums = REFERENCE.della_deltas(expected, base, model, row_length, 0.4, 0.15, *key, 1.7, 1 << 33)
+        native_sums = cpu_backend.della_deltas(actual, base, model, row_length, 0.4, 0.15, *key, 1.7, 1 << 33)
+        assert torch.equal(actual.view(torch.uint8), expected.view(torch.uint8))
+        assert native_sums == pytest.approx(sums, rel=1e-12)
+    assert "della_deltas" in cpu_backend.accelerated
+
+
+def test_kept_fraction_rises_with_the_magnitude_rank():
+    row_length = 20_000
+    generator = torch.Generator().manual_seed(0)
+    base = torch.zeros(row_length)
+    model = torch.randn(row_length, generator=generator)
+    out = torch.empty(row_length)
+    total, kept = REFERENCE.della_deltas(out, base, model, row_length, 0.5, 0.3, 11, 12, 1.0, 0)
+    order = torch.argsort(model.abs())
+    kept_mask = out[order] != 0
+    smallest, largest = kept_mask[: row_length // 10].float().mean(), kept_mask[-row_length // 10:].float().mean()
+    assert abs(float(smallest) - 0.23) < 0.02 and abs(float(largest) - 0.77) < 0.02  # p = 0.2..0.26 and 0.74..0.8
+    assert abs(float(kept_mask.float().mean()) - 0.5) < 0.01
+    assert kept == pytest.approx(float(model.abs()[out != 0].double().sum()))
+    assert total == pytest.approx(float(model.abs().double().sum()))
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("della")
+    generator = torch.Generator().manual_seed(21)
+    shapes = {"model.layers.0.mlp.up_proj.weight": (96, 64), "model.layers.0.input_layernorm.weight": (64,)}
+    base = {n: torch.randn(s, generator=generator) for n, s in shapes.items()}
+    paths = [write_safetensors(root / "base" / "model.safetensors", base).parent]
+    for index in range(3):
+        model = {n: v + 0.05 * torch.randn(v.shape, generator=generator) for n, v in base.items()}
+        paths.append(write_safetensors(root / f"m{index}" / "model.safetensors", model).parent)
+    return paths
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_streamed_merge_equals_the_whole_tensor_definition(family, tmp_path, method, backend):
+    per_model = [{"weight": 1.0, "density": 0.5, "epsilon": 0.1}, {"weight": 0.5, "density": 0.3, "epsilon": 0.2},
+                 {"weight": 0.8, "density": 1.0}]
+    config = MergeConfig(method=method, models=tuple(ModelInput(p, d) for p, d in zip(family[1:], per_model)),
+                         output=tmp_path / "out", base=family[0], backend=backend, max_memory=24 * 2**20)
+    from dtm_fast.merge.engine import run_merge
+
+    run_merge(config)
+    merged = load_state(tmp_path / "out")
+    tensors = [load_state(p) for p in family]
+    for name, value in merged.items():
+        params = config.tensor_params(name, 0, 1)
+        expected = METHODS[method].reference(params, tensors[0][name], [t[name] for t in tensors[1:]],
+                                             TensorContext(name, tuple(value.shape), 0))
+        assert torch.equal(value, expected), name
+
+
+def test_epsilon_that_leaves_the_unit_interval_is_refused(family, tmp_path, capsys):
+    assert dtm(["merge", "--method", "della", "--base", str(family[0]), str(family[1]), "--density", "0.9",
+                "--param", "epsilon=0.2", "-o", str(tmp_path / "out"), "--quiet"]) == 1
+    assert "epsilon 0.2 must keep density +- epsilon inside (0, 1)" in capsys.readouterr().err
+
+
+def merged_deltas(out: Path, base: Path) -> dict[str, torch.Tensor]:
+    merged, original = load_state(out), load_state(base)
+    return {name: merged[name] - original[name] for name in original}
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_a_mergekit_config_matches_mergekit_in_distribution(llama_family, tmp_path, method):
+    paths = llama_family["fp32"]
+    entries = "\n".join(f"  - model: {paths[f'm{i}']}\n    parameters: {{weight: 1.0, density: 0.4, epsilon: 0.1}}"
+                        for i in range(3))
+    config = tmp_path / "della.yml"
+    config.write_text(f"merge_method: {method}\nbase_model: {paths['base']}\nmodels:\n{entries}\ndtype: float32\n")
+    run_mergekit(config, tmp_path / "mk")
+    assert dtm(["merge", str(config), str(tmp_path / "dtm"), "--quiet"]) == 0
+    ours, theirs = merged_deltas(tmp_path / "dtm", paths["base"]), merged_deltas(tmp_path / "mk", paths["base"])
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        a, b = ours[name].reshape(-1), theirs[name].reshape(-1)
+        if a.numel() < 1000:
+            continue  # too few elements for the statistics to be tight
+        # the share of elements any model contributed to, and the size of the merged task vector
+        assert abs(float((a != 0).float().mean()) - float((b != 0).float().mean())) < 0.03, name
+        assert float(a.abs().sum()) == pytest.approx(float(b.abs().sum()), rel=0.05), name
