@@ -102,10 +102,7 @@ def _plan(args: argparse.Namespace, config) -> int:
     if args.gpu_memory is not None:
         from dtm_fast.merge.config import parse_size
 
-        try:
-            gpu_memory = parse_size(args.gpu_memory, "--gpu-memory")
-        except OverflowError:
-            raise DtmError(f"--gpu-memory: {args.gpu_memory!r} is not a finite size (examples: 80GB, 141GiB)") from None
+        gpu_memory = parse_size(args.gpu_memory, "--gpu-memory")
     import torch
 
     device_type = "cuda" if gpu_memory is not None or torch.cuda.is_available() else "cpu"

@@ -226,34 +226,15 @@ def _shown(value: Any) -> str:
 
 def read_config_file(path: Path) -> dict[str, Any]:
     """The YAML mapping in `path`; every way the file can be wrong is a DtmError naming it."""
-    import yaml
+    from dtm_fast.io.text_files import load_yaml
 
-    if not path.exists():
-        raise DtmError(f"{path}: no such config file")
-    if path.is_dir():
-        raise DtmError(f"{path}: is a directory; give the YAML config file inside it")
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise DtmError(f"{path}: {path.stat().st_size:,} bytes is too large for a config file; "
-                           "is this the right file?")
-        raw = path.read_bytes()
-    except OSError as error:
-        raise DtmError(f"{path}: cannot read the config file ({error.strerror or error})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw[:error.start].count(b"\n") + 1
-        raise DtmError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}); "
-                       "save the file as UTF-8") from None
-    try:
-        loaded = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise DtmError(f"{where}: not valid YAML ({problem})") from None
-    except RecursionError:
-        raise DtmError(f"{path}: not a config: its YAML is nested too deeply") from None
+        size = path.stat().st_size
+    except OSError:
+        size = 0  # load_yaml names what is wrong with the path
+    if size > MAX_CONFIG_BYTES:
+        raise DtmError(f"{path}: {size:,} bytes is too large for a config file; is this the right file?")
+    loaded = load_yaml(path, "config file")
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

@@ -18,10 +18,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from dtm_fast.errors import DtmError
+from dtm_fast.io.dtypes import tag_of, torch_dtype
 from dtm_fast.io.safetensors_format import TensorEntry, encode_header, read_exact, write_exact
-from dtm_fast.merge.host_array import TORCH_DTYPE_ATTRIBUTES, torch_dtype
-
-SAFETENSORS_TAGS = {attribute: tag for tag, attribute in TORCH_DTYPE_ATTRIBUTES.items()}
 
 
 def row_range(rows: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -108,8 +106,7 @@ class RowReader:
                 raise DtmError(f"{source.entry.path}: tensor {source.entry.name!r} has shape {list(source.entry.shape)}, "
                                f"the model expects rows of {list(destination.shape[1:])}")
             target = destination[start - first_row:stop - first_row]
-            direct = (target.device.type == "cpu" and target.is_contiguous()
-                      and SAFETENSORS_TAGS.get(str(target.dtype).replace("torch.", "")) == source.entry.dtype)
+            direct = target.device.type == "cpu" and target.is_contiguous() and tag_of(target.dtype) == source.entry.dtype
             if direct:  # read straight into the shard: no temporary at all
                 self._read_into(source.entry, start - source.first_row, stop - source.first_row, target)
             else:
@@ -152,7 +149,7 @@ def write_tensor_file(path: Path, tensors: list[tuple[str, Any]], metadata: dict
 
     layout = []
     for name, tensor in tensors:
-        tag = SAFETENSORS_TAGS.get(str(tensor.dtype).replace("torch.", ""))
+        tag = tag_of(tensor.dtype)
         if tag is None:
             raise DtmError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
         layout.append((name, tag, tuple(tensor.shape)))

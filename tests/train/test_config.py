@@ -124,7 +124,7 @@ def test_yaml_values_of_the_wrong_shape_name_the_field(tmp_path, text, expected)
 def test_config_files_that_cannot_be_read(tmp_path):
     with pytest.raises(DtmError, match="missing.yaml: no such config file"):
         load_config(tmp_path / "missing.yaml")
-    with pytest.raises(DtmError, match="is a directory; give the YAML config file inside it"):
+    with pytest.raises(DtmError, match="is a directory; give the config file itself"):
         load_config(tmp_path)
     latin = tmp_path / "latin1.yaml"
     latin.write_bytes(b"model: base\nchat_template: caf\xe9\n")

@@ -20,11 +20,11 @@ def test_output_at_the_model_directory_is_refused(tiny_model, arithmetic_data, t
     # refused before anything is loaded: a model load would be a bug here
     import dtm_fast.train.loop as loop
 
-    monkeypatch.setattr(loop, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr(loop, "build_sharded", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     for output in (model, model / "sub-0"):
         code, err = dtm_train(capsys, *tiny_args(model, arithmetic_data, output))
-        relation = "is the model directory" if output == model else "is inside the model directory"
-        assert_one_line_error(code, err, f"output {output} {relation}")
+        relation = "is" if output == model else "is inside"
+        assert_one_line_error(code, err, f"output {output} {relation} the input {model} (the model directory)")
     assert snapshot(model) == before
 
 
@@ -36,9 +36,9 @@ def test_output_at_the_data_directory_is_refused(tiny_model, tmp_path, capsys, a
     (data_dir / "portion-1.jsonl").write_text(data.read_text())
     before = snapshot(data_dir)
     code, err = dtm_train(capsys, *tiny_args(tiny_model, data, data_dir))
-    assert_one_line_error(code, err, f"output {data_dir} contains the data file {data}")
+    assert_one_line_error(code, err, f"output {data_dir} contains the input {data} (the data file)")
     code, err = dtm_train(capsys, *tiny_args(tiny_model, data, data))
-    assert_one_line_error(code, err, f"output {data} is the data file")
+    assert_one_line_error(code, err, f"output {data} is the input {data} (the data file)")
     assert snapshot(data_dir) == before
 
 
@@ -46,10 +46,10 @@ def test_output_and_checkpoint_directory_must_be_apart(tiny_model, arithmetic_da
     checkpoints = tmp_path / "ckpt"
     code, err = dtm_train(capsys, *tiny_args(tiny_model, arithmetic_data, checkpoints / "out"),
                           "--checkpoint_dir", checkpoints)
-    assert_one_line_error(code, err, "is inside the checkpoint directory")
+    assert_one_line_error(code, err, f"is inside the input {checkpoints} (the checkpoint directory)")
     code, err = dtm_train(capsys, *tiny_args(tiny_model, arithmetic_data, tmp_path / "out2"),
                           "--checkpoint_dir", tiny_model / "ckpt")
-    assert_one_line_error(code, err, "is inside the model directory")
+    assert_one_line_error(code, err, f"is inside the input {tiny_model} (the model directory)")
 
 
 def test_unrelated_file_is_refused_then_kept_with_overwrite(tiny_model, arithmetic_data, tmp_path, capsys):

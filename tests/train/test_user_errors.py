@@ -28,7 +28,7 @@ def test_non_utf8_config_in_a_real_process(tiny_model, arithmetic_data, tmp_path
 
 @pytest.mark.parametrize("case,expected", [
     ("missing", "no-such.yaml: no such config file"),
-    ("directory", "is a directory; give the YAML config file inside it"),
+    ("directory", "is a directory; give the config file itself"),
 ])
 def test_config_path_missing_or_a_directory(tmp_path, capsys, case, expected):
     path = tmp_path / "no-such.yaml" if case == "missing" else tmp_path
@@ -111,7 +111,7 @@ def test_unwritable_output_and_checkpoint_locations(tiny_model, arithmetic_data,
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     code, err = dtm_train(capsys, *tiny_args(tiny_model, arithmetic_data, a_file / "sub-0"))
-    assert_one_line_error(code, err, f"its parent {a_file} is a file, not a directory")
+    assert_one_line_error(code, err, f"{a_file} is a file, not a directory")
     assert not (tmp_path / "o").exists()
 
 
