@@ -61,18 +61,16 @@ def gguf_as_safetensors(config: TrainConfig, runtime: Runtime) -> Path:
     return target
 
 
-def _convert_gguf(source: Path, gguf_file: str, target: Path, identity: dict[str, Any]) -> None:
+def save_dequantized_gguf(model_dir: Path, gguf_file: str, target: Path) -> None:
+    """De-quantise `model_dir/gguf_file` to float32 and save it as a Hugging Face safetensors
+    directory (the one home of this conversion; `dtm run`'s base conversion can call it too)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dtm_fast.io.atomic import write_json
-
-    logger.info("converting %s to float32 safetensors in %s (once)", source, target)
-    staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=gguf_file, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), gguf_file=gguf_file, dtype=torch.float32)
     except (OSError, ValueError) as error:
-        raise DtmError(f"gguf_file: cannot load {source}: {error}") from None
+        raise DtmError(f"gguf_file: cannot load {Path(model_dir) / gguf_file}: {error}") from None
     # the weights are plain float32 now; the "quantizer" transformers attaches to GGUF models only
     # records where they came from, and would make save_pretrained refuse
     model.hf_quantizer = None
@@ -80,8 +78,15 @@ def _convert_gguf(source: Path, gguf_file: str, target: Path, identity: dict[str
         for attribute in ("quantization_config", "is_quantized"):
             if attribute in vars(holder):
                 delattr(holder, attribute)
-    model.save_pretrained(staging)
-    del model
+    model.save_pretrained(target)
+
+
+def _convert_gguf(source: Path, gguf_file: str, target: Path, identity: dict[str, Any]) -> None:
+    from dtm_fast.io.atomic import write_json
+
+    logger.info("converting %s to float32 safetensors in %s (once)", source, target)
+    staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    save_dequantized_gguf(source.parent, gguf_file, staging)
     write_json(staging / GGUF_SOURCE_RECORD, identity)
     if target.exists():  # an earlier conversion of a GGUF file that has changed since: ours to replace
         shutil.rmtree(target)

@@ -77,3 +77,20 @@ def assert_one_line_error(code, stderr, expected):
     assert len(errors) == 1 and errors[0].startswith("dtm train: error: "), stderr
     assert expected in errors[0], errors[0]
     return errors[0]
+
+
+class PicklePayload:
+    """Unpickling this creates the marker file: what a crafted checkpoint or model file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def malicious_pickle(marker):
+    """The bytes of a pickle whose loading creates `marker`."""
+    import pickle
+
+    return pickle.dumps(PicklePayload(marker))

@@ -147,23 +147,13 @@ def test_resume_true_without_a_checkpoint_is_an_error(tiny_model, arithmetic_dat
 
 
 # ---- issue 8.3: nothing in a checkpoint is ever unpickled ----------------------------------------------
-class Payload:
-    """Unpickling this creates the marker file: what a crafted checkpoint would do."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def test_malicious_pickles_in_a_checkpoint_never_run(tiny_model, arithmetic_data, tmp_path, capsys):
     import pickle
 
-    from tests.train.conftest import assert_one_line_error, dtm_train, tiny_args
+    from tests.train.conftest import assert_one_line_error, dtm_train, malicious_pickle, tiny_args
 
     marker = tmp_path / "pwned"
-    payload = pickle.dumps(Payload(marker))
+    payload = malicious_pickle(marker)
     pickle.loads(payload)  # the control: loading it does create the marker
     assert marker.exists()
     marker.unlink()

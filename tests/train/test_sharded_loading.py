@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from dtm_fast.train.tensor_rows import RowReader, RowSource, row_range
 
@@ -113,7 +112,6 @@ def big_llama(directory):
 LOAD_SCRIPT = """
 import sys, torch
 import accelerate, peft, transformers, torch.distributed.fsdp
-from safetensors import safe_open
 from dtm_fast.io.checkpoint import open_checkpoint
 from dtm_fast.train.config import TrainConfig
 from dtm_fast.train.loading import build_sharded

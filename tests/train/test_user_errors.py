@@ -2,14 +2,13 @@
 that names the file or field and the way out, never a traceback."""
 
 import os
-import pickle
 import shutil
 import subprocess
 import sys
 
 import pytest
 
-from tests.train.conftest import assert_one_line_error, dtm_train, tiny_args
+from tests.train.conftest import assert_one_line_error, dtm_train, malicious_pickle, tiny_args
 
 
 def write_config(tmp_path, text, name="train.yaml"):
@@ -68,21 +67,13 @@ def test_bad_jinja_chat_template(tiny_model, arithmetic_data, tmp_path, capsys, 
     assert_one_line_error(code, err, expected)
 
 
-class Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def test_pickle_only_model_is_refused_unloaded(tiny_model, arithmetic_data, tmp_path, capsys):
     model = tmp_path / "pickled"
     model.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(tiny_model / name, model / name)
     marker = tmp_path / "pwned"
-    (model / "pytorch_model.bin").write_bytes(pickle.dumps(Payload(marker)))
+    (model / "pytorch_model.bin").write_bytes(malicious_pickle(marker))
     code, err = dtm_train(capsys, *tiny_args(model, arithmetic_data, tmp_path / "o"))
     line = assert_one_line_error(code, err, f"model: {model} holds only pickle weights (*.bin); dtm train never unpickles")
     assert "Convert it to safetensors once" in line
