@@ -112,6 +112,7 @@ def big_llama(directory):
 LOAD_SCRIPT = """
 import sys, torch
 import accelerate, peft, transformers, torch.distributed.fsdp
+from safetensors import safe_open
 from dtm_fast.io.checkpoint import open_checkpoint
 from dtm_fast.train.config import TrainConfig
 from dtm_fast.train.loading import build_sharded
