@@ -1,6 +1,7 @@
 # Set-up and entry points. Each target installs what it needs into .venv on first use.
 #   make demo   - the whole DTM experiment (or, until the trainer lands, a merge) on an embedded default
 #   make test   - the test suite (CPU), then the Triton-interpreter tests in their own process
+#   make gpu-check OUT=dir - everything only a GPU runs, with one JSON + Markdown report (bench/gpu_check.py)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo "torch>=2.5"; else echo "torch==2.13.0"; fi)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-triton bench clean
+.PHONY: setup demo test test-triton bench clean gpu-check
 
 $(BIN)/dtm: pyproject.toml CMakeLists.txt $(wildcard kernels/*.cpp kernels/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +34,10 @@ test: setup
 
 bench: setup
 	$(BIN)/dtm bench merge
+
+OUT ?= bench/results/gpu-check
+gpu-check: setup
+	$(BIN)/python bench/gpu_check.py $(OUT)
 
 clean:
 	rm -rf build $(VENV) .pytest_cache

@@ -24,9 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="bench/results/train", help="directory for results.json and the plot")
     parser.add_argument("--repeats", type=int, default=3, help="runs per contender (medians are reported)")
@@ -123,12 +120,14 @@ def run_hf_trainer(model_dir: Path, data: Path, args: argparse.Namespace, work: 
 
 
 def _mfu(tokens_per_s: float, parameters: int) -> float | None:
+    """The bench's rough MFU (6 x parameters per token) against the trainer's datasheet peaks."""
     import torch
+
+    from dtm_fast.train.throughput import device_peak
 
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    peak, _ = device_peak(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16, None)
     return 6 * parameters * tokens_per_s / peak if peak else None
 
 

@@ -83,7 +83,8 @@ class TokenizeReport:
 
 
 def resolve_chat_template(tokenizer: Any, template: str | None) -> str:
-    """The Jinja template to render with: a named one, a file, inline Jinja, or the tokenizer's own."""
+    """The Jinja template to render with: a named one, a file, inline Jinja, or the tokenizer's own;
+    checked to compile, so a syntax error is reported once, with its line, before any record."""
     if template:
         if template in TEMPLATES:
             return TEMPLATES[template]
@@ -91,9 +92,16 @@ def resolve_chat_template(tokenizer: Any, template: str | None) -> str:
         if path.suffix in (".jinja", ".j2", ".txt") or path.is_file():
             if not path.is_file():
                 raise DtmError(f"chat_template: {template}: no such file")
-            return path.read_text(encoding="utf-8")
+            try:
+                text = path.read_bytes().decode("utf-8")
+            except OSError as error:
+                raise DtmError(f"chat_template: {template}: cannot read ({error.strerror})") from None
+            except UnicodeDecodeError as error:
+                raise DtmError(f"chat_template: {template}: not UTF-8 text (offset {error.start}); save it as "
+                               "UTF-8") from None
+            return _checked(text, f"chat_template file {template}")
         if "{%" in template or "{{" in template:
-            return template
+            return _checked(template, "the inline chat_template")
         raise DtmError(f"chat_template: unknown template {template!r}; use one of "
                        f"{', '.join(sorted(TEMPLATES))}, a path to a .jinja file, or inline Jinja")
     own = getattr(tokenizer, "chat_template", None)
@@ -103,12 +111,37 @@ def resolve_chat_template(tokenizer: Any, template: str | None) -> str:
         raise DtmError(
             "the tokenizer has no chat template; name one with chat_template: "
             f"({', '.join(sorted(TEMPLATES))}) or give a path to a .jinja file")
-    return own
+    return _checked(own, "the tokenizer's chat template")
 
 
-def _render(tokenizer: Any, template: str, messages: Sequence[dict[str, str]], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+def _checked(template: str, source: str) -> str:
+    """`template` if it compiles the way transformers compiles chat templates (its sandbox, its
+    extensions); a DtmError naming the source and line otherwise."""
+    import jinja2
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # another transformers layout: rendering reports the error instead
+        return template
+    try:
+        _compile_jinja_template(template)
+    except jinja2.TemplateSyntaxError as error:
+        raise DtmError(f"{source}: Jinja syntax error on line {error.lineno}: {error.message}") from None
+    except jinja2.TemplateError as error:
+        raise DtmError(f"{source}: not a usable Jinja template ({error})") from None
+    return template
+
+
+def _render(tokenizer: Any, template: str, messages: Sequence[dict[str, str]], generation_prompt: bool,
+            location: str = "") -> str:
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except jinja2.TemplateError as error:  # raise_exception() in the template, a bad filter, ...
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DtmError(f"{location or 'a record'}: the chat template fails on it: {message}") from None
 
 
 def split_segments(tokenizer: Any, template: str, conversation: Conversation) -> list[tuple[str, bool]]:
@@ -117,14 +150,15 @@ def split_segments(tokenizer: Any, template: str, conversation: Conversation) ->
     messages = list(conversation.messages)
     last_reply = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     messages = messages[:last_reply + 1]
-    full_text = _render(tokenizer, template, messages, generation_prompt=False)
+    where = conversation.location
+    full_text = _render(tokenizer, template, messages, generation_prompt=False, location=where)
     segments: list[tuple[str, bool]] = []
     cursor = 0
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt_text = _render(tokenizer, template, messages[:index], generation_prompt=True)
-        through_reply = _render(tokenizer, template, messages[:index + 1], generation_prompt=False)
+        prompt_text = _render(tokenizer, template, messages[:index], generation_prompt=True, location=where)
+        through_reply = _render(tokenizer, template, messages[:index + 1], generation_prompt=False, location=where)
         if not (through_reply.startswith(prompt_text) and full_text.startswith(through_reply)
                 and len(prompt_text) >= cursor):
             raise DtmError(

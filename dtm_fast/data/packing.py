@@ -90,13 +90,28 @@ class RowSchedule:
 
 @dataclass(frozen=True)
 class Batch:
-    """A micro-batch as tensors, (rows, length) each, right-padded."""
+    """A micro-batch as tensors, (rows, length) each, right-padded; or, flattened for
+    variable-length attention kernels, one row of every example back to back with the cumulative
+    sequence lengths that tell the kernel where each starts."""
 
     input_ids: "torch.Tensor"
     position_ids: "torch.Tensor"
     targets: "torch.Tensor"
     real_tokens: int    # tokens that are not padding
-    padded_tokens: int  # rows * length
+    padded_tokens: int  # tokens computed: rows * length
+    sequence_lengths: tuple[int, ...] = ()  # every example's length, in order
+    cu_seq_lens: "torch.Tensor | None" = None  # flattened only: (examples + 1,) int32, [0, n0, n0+n1, ...]
+    max_seq_len: int = 0                       # flattened only: the longest example
+
+    def attention_kwargs(self, device) -> dict:
+        """What the model's forward needs beyond ids and positions: flash-attention's varlen
+        arguments for a flattened batch, nothing for a padded one (its masks come from the
+        position_ids restarts)."""
+        if self.cu_seq_lens is None:
+            return {}
+        cu = self.cu_seq_lens.to(device)
+        return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": self.max_seq_len,
+                "max_length_k": self.max_seq_len}
 
 
 def collate(examples: Sequence[TokenizedExample], rows: Sequence[Sequence[int]], pad_id: int,
@@ -133,4 +148,32 @@ def collate(examples: Sequence[TokenizedExample], rows: Sequence[Sequence[int]],
         targets=torch.tensor(row_targets, dtype=torch.long),
         real_tokens=real,
         padded_tokens=length * len(rows),
+        sequence_lengths=tuple(len(examples[index]) for row in rows for index in row),
+    )
+
+
+def collate_flat(examples: Sequence[TokenizedExample], rows: Sequence[Sequence[int]]) -> Batch:
+    """All examples of `rows` as one row (1, total tokens), no padding at all, for flash-attention's
+    variable-length kernel: it attends within [cu[i], cu[i+1]) only, so examples never see each
+    other; targets are shifted per example as in `collate`. The loss equals the padded layout's."""
+    import torch
+
+    order = [index for row in rows for index in row]
+    ids, positions, targets, boundaries = [], [], [], [0]
+    for index in order:
+        example = examples[index]
+        ids.extend(example.input_ids)
+        positions.extend(range(len(example)))
+        targets.extend(shifted_targets(example))
+        boundaries.append(boundaries[-1] + len(example))
+    lengths = tuple(len(examples[index]) for index in order)
+    return Batch(
+        input_ids=torch.tensor([ids], dtype=torch.long),
+        position_ids=torch.tensor([positions], dtype=torch.long),
+        targets=torch.tensor([targets], dtype=torch.long),
+        real_tokens=len(ids),
+        padded_tokens=len(ids),
+        sequence_lengths=lengths,
+        cu_seq_lens=torch.tensor(boundaries, dtype=torch.int32),
+        max_seq_len=max(lengths),
     )

@@ -34,6 +34,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("config_file", nargs="?", metavar="CONFIG", help="YAML config (or use --config)")
     parser.add_argument("--config", dest="config_option", metavar="CONFIG", help="YAML config file")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the per-rank memory plan for --nproc-per-node x --nnodes ranks and whether it "
+                             "fits (the GPU seen, or --gpu-memory); loads nothing")
+    parser.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                        help="with --plan: memory of one GPU to plan for, e.g. 80GB or 141GiB")
     launch = parser.add_argument_group("launching (torchrun)")
     launch.add_argument("--nproc-per-node", type=int, default=None,
                         help="processes (GPUs) per node; >1 launches torchrun with this command")
@@ -81,10 +86,45 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
     return subprocess.call(command)
 
 
+def _plan(args: argparse.Namespace, config) -> int:
+    """`dtm train --plan`: the memory plan, exit 0 when it fits, a one-line refusal naming the fix otherwise."""
+    from dtm_fast import ui
+    from dtm_fast.train.plan import gib, plan_for
+
+    nodes_text = str(args.nnodes or "1").split(":")[0]
+    if not nodes_text.isdigit() or int(nodes_text) < 1:
+        raise DtmError(f"--nnodes: expected a number of nodes (or MIN:MAX), got {args.nnodes!r}")
+    per_node = args.nproc_per_node or 1
+    if per_node < 1:
+        raise DtmError(f"--nproc-per-node must be at least 1, got {per_node}")
+    world_size = per_node * int(nodes_text)
+    gpu_memory = None
+    if args.gpu_memory is not None:
+        from dtm_fast.merge.config import parse_size
+
+        gpu_memory = parse_size(args.gpu_memory, "--gpu-memory")
+    import torch
+
+    device_type = "cuda" if gpu_memory is not None or torch.cuda.is_available() else "cpu"
+    config.gradient_accumulation(world_size)
+    plan = plan_for(config, world_size, device_type, gpu_memory, ranks_per_node=per_node)
+    ui.table(f"memory plan: {config.finetuning} fine-tuning of {config.model} on {world_size} rank(s) ({device_type}, "
+             f"micro-batch {config.micro_batch_size} x {config.max_length} tokens)", ["part", "per rank"], plan.rows())
+    if plan.fits is False:
+        raise DtmError(plan.refusal())
+    ui.info(f"fits: {gib(plan.total)} of {gib(plan.capacity)} per rank ({plan.capacity_source})")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from dtm_fast import ui
     from dtm_fast.train.config import load_config, parse_value
 
+    if args.plan:
+        overrides = {key: parse_value(value) for key, value in _override_texts(args).items()}
+        config = load_config(_config_path(args), overrides)
+        ui.configure(json_output=args.json, quiet=args.quiet)
+        return _plan(args, config)
     launching = (args.nproc_per_node or 1) > 1 or args.nnodes not in (None, "1")
     if launching and "LOCAL_RANK" not in os.environ:
         return _launch_torchrun(args)

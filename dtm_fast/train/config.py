@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,37 @@ ATTENTION_CHOICES = ("auto", "flash_attention_2", "sdpa", "eager")
 PRECISION_CHOICES = ("auto", "bf16", "fp32")
 SCHEDULER_CHOICES = ("cosine", "linear", "constant")
 EXPORT_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+COUNT_LIMIT = 2**31 - 1  # beyond this a count is a typo, and loops over it would never end
+
+# field -> (low, high, shape): shape says whether each bound is included, "[]", "[)", "(]" or "()";
+# None for no bound. Every value must also be finite: NaN compares false with everything, so a
+# plain `< 0` test would let it through.
+NUMERIC_RANGES: dict[str, tuple[float | None, float | None, str]] = {
+    "lora_r": (1, COUNT_LIMIT, "[]"), "lora_alpha": (0, None, "()"), "lora_dropout": (0, 1, "[)"),
+    "learning_rate": (0, None, "()"), "warmup_ratio": (0, 1, "[)"), "min_lr_ratio": (0, 1, "[]"),
+    "weight_decay": (0, None, "[)"), "adam_beta1": (0, 1, "[)"), "adam_beta2": (0, 1, "[)"),
+    "adam_epsilon": (0, None, "()"), "max_grad_norm": (0, None, "[)"), "epochs": (0, None, "()"),
+    "max_steps": (1, COUNT_LIMIT, "[]"), "batch_size": (1, COUNT_LIMIT, "[]"),
+    "micro_batch_size": (1, COUNT_LIMIT, "[]"), "max_length": (1, COUNT_LIMIT, "[]"),
+    "seed": (0, 2**63 - 1, "[]"), "checkpoint_every": (0, COUNT_LIMIT, "[]"),
+    "keep_checkpoints": (1, COUNT_LIMIT, "[]"), "log_every": (1, COUNT_LIMIT, "[]"),
+    "max_shard_size_mb": (0, None, "()"), "fisher_samples": (0, COUNT_LIMIT, "[]"),
+    "peak_tflops": (0, None, "()"),
+}
+
+
+def _check_range(name: str, value: float, low: float | None, high: float | None, shape: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DtmError(f"config: {name} should be a number, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DtmError(f"config: {name} must be a finite number, got {value}")
+    too_low = low is not None and (value < low or (shape[0] == "(" and value == low))
+    too_high = high is not None and (value > high or (shape[1] == ")" and value == high))
+    if too_low or too_high:
+        interval = f"{shape[0]}{'-inf' if low is None else low}, {'inf' if high is None else high}{shape[1]}"
+        raise DtmError(f"config: {name} must be in {interval}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -67,7 +99,13 @@ class TrainConfig:
     checkpoint_every: int = 0           # steps between checkpoints; 0: none
     keep_checkpoints: int = 2
     checkpoint_dir: str | None = None   # None: <output_dir>.checkpoints
-    resume: bool = False                # continue from the newest complete checkpoint
+    resume: bool = False                # require a checkpoint to continue from (one of this run is
+                                        # continued anyway; see checkpoint.py)
+    fresh: bool = False                 # delete this run's checkpoints and start from step 0
+    overwrite: bool = False             # write into a non-empty output_dir dtm train did not write
+                                        # (files dtm did not write are kept)
+    compile: bool = False               # torch.compile each decoder layer
+    peak_tflops: float | None = None    # the device's peak for MFU; None: looked up by device name
     log_every: int = 1
 
     # export
@@ -90,25 +128,18 @@ class TrainConfig:
         self._check_choice("export_dtype", EXPORT_DTYPE_CHOICES)
         if self.data_format is not None:
             self._check_choice("data_format", ("alpaca", "sharegpt", "messages", "prompt_completion"))
-        for name in ("batch_size", "micro_batch_size", "max_length", "lora_r", "log_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise DtmError(f"config: {name} must be at least 1, got {getattr(self, name)}")
-        for name in ("checkpoint_every", "fisher_samples", "max_grad_norm", "weight_decay", "lora_dropout"):
-            if getattr(self, name) < 0:
-                raise DtmError(f"config: {name} must not be negative, got {getattr(self, name)}")
-        if self.max_shard_size_mb <= 0:
-            raise DtmError(f"config: max_shard_size_mb must be positive, got {self.max_shard_size_mb}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise DtmError(f"config: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.epochs <= 0 and self.max_steps is None:
-            raise DtmError(f"config: epochs must be positive, got {self.epochs}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise DtmError(f"config: max_steps must be at least 1, got {self.max_steps}")
-        if self.learning_rate is not None and self.learning_rate <= 0:
-            raise DtmError(f"config: learning_rate must be positive, got {self.learning_rate}")
+        for name, (low, high, shape) in NUMERIC_RANGES.items():
+            value = getattr(self, name)
+            if value is not None:
+                _check_range(name, value, low, high, shape)
         if self.batch_size % self.micro_batch_size:
             raise DtmError(f"config: batch_size {self.batch_size} is not a multiple of micro_batch_size "
                            f"{self.micro_batch_size}")
+        if not self.lora_target_modules or not all(self.lora_target_modules):
+            raise DtmError("config: lora_target_modules needs at least one module name, e.g. [q_proj, v_proj]")
+        if self.resume and self.fresh:
+            raise DtmError("config: resume and fresh contradict each other (resume continues the checkpoints, "
+                           "fresh deletes them); set one")
 
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         if getattr(self, name) not in choices:
@@ -140,6 +171,19 @@ class TrainConfig:
         return {key: list(value) if isinstance(value, tuple) else value
                 for key, value in dataclasses.asdict(self).items()}
 
+    def training_settings(self) -> dict[str, Any]:
+        """The keys that decide the trained weights: a checkpoint continues only a run whose
+        settings equal the ones it recorded (model and data are compared by content separately)."""
+        return {key: value for key, value in self.to_dict().items() if key not in NOT_TRAINING_SETTINGS}
+
+
+# keys that change where things go, how often they are saved or how the result is written, but not
+# one number of the training itself; changing them never stops a checkpoint from being continued
+NOT_TRAINING_SETTINGS = frozenset({
+    "model", "data", "output_dir", "checkpoint_dir", "resume", "fresh", "overwrite", "log_every",
+    "checkpoint_every", "keep_checkpoints", "export_dtype", "max_shard_size_mb", "fisher_samples", "compile",
+    "peak_tflops"})
+
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
@@ -161,33 +205,51 @@ def _unknown_key_error(key: str, where: str) -> DtmError:
     return DtmError(f"{where}: unknown config key {key!r}{hint}")
 
 
+MAX_CONFIG_BYTES = 16 * 2**20  # far above any real config; keeps a wrong file from filling memory
+
+
 def parse_value(text: str) -> Any:
     """A command-line value read as YAML, so 1e-4, true, null and [a, b] mean what they look like."""
     import yaml
 
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return text
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message quotes it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The YAML mapping in `path`; every way the file can be wrong is a DtmError naming it."""
+    from dtm_fast.io.text_files import load_yaml
+
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0  # load_yaml names what is wrong with the path
+    if size > MAX_CONFIG_BYTES:
+        raise DtmError(f"{path}: {size:,} bytes is too large for a config file; is this the right file?")
+    loaded = load_yaml(path, "config file")
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise DtmError(f"{path}: expected a mapping of config keys to values, got {type(loaded).__name__}")
+    return loaded
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a YAML file (keys = TrainConfig fields) and apply overrides on top."""
     values: dict[str, Any] = {}
     if path is not None:
-        import yaml
-
         path = Path(path)
-        if not path.is_file():
-            raise DtmError(f"{path}: no such config file")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as error:
-            raise DtmError(f"{path}: not valid YAML ({error})") from None
-        if not isinstance(loaded, dict):
-            raise DtmError(f"{path}: expected a mapping of config keys to values")
+        loaded = read_config_file(path)
         for key in loaded:
-            if key not in FIELD_NAMES:
+            if not isinstance(key, str) or key not in FIELD_NAMES:
                 raise _unknown_key_error(str(key), str(path))
         values.update(loaded)
     for key, value in (overrides or {}).items():
@@ -200,7 +262,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def _check_types(values: dict[str, Any]) -> None:
-    """Name the field when a value has the wrong type (YAML makes `lr: 3e-4` a string, for one)."""
+    """Name the field when a value has the wrong type or shape (YAML makes `lr: 3e-4` a string, a
+    stray dash makes a list); values are converted in place where the meaning is plain."""
     annotations = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
     for key, value in values.items():
         expected = annotations[key]
@@ -211,25 +274,29 @@ def _check_types(values: dict[str, Any]) -> None:
         if expected.startswith("float"):
             if isinstance(value, str):
                 try:
-                    value = values[key] = float(value)
+                    value = float(value)
                 except ValueError:
-                    raise DtmError(f"config: {key} should be a number, got {value!r}") from None
+                    raise DtmError(f"config: {key} should be a number, got {_shown(value)}") from None
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise DtmError(f"config: {key} should be a number, got {value!r}")
-            values[key] = float(value)
+                raise DtmError(f"config: {key} should be a number, got {_shown(value)}")
+            try:
+                values[key] = float(value)
+            except OverflowError:
+                raise DtmError(f"config: {key} = {_shown(value)} is too large") from None
         elif expected.startswith("int"):
             if isinstance(value, bool) or not isinstance(value, int):
-                raise DtmError(f"config: {key} should be a whole number, got {value!r}")
+                raise DtmError(f"config: {key} should be a whole number, got {_shown(value)}")
         elif expected == "bool":
             if not isinstance(value, bool):
-                raise DtmError(f"config: {key} should be true or false, got {value!r}")
+                raise DtmError(f"config: {key} should be true or false, got {_shown(value)}")
         elif expected.startswith("tuple"):
             if isinstance(value, str):
                 values[key] = (value,)
             elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
                 values[key] = tuple(value)
             else:
-                raise DtmError(f"config: {key} should be a list of text values, got {value!r}")
+                raise DtmError(f"config: {key} should be a list of text values, got {_shown(value)}")
         elif expected.startswith("str"):
             if not isinstance(value, str):
-                values[key] = str(value)
+                raise DtmError(f"config: {key} should be text, got {_shown(value)} (a {type(value).__name__}); "
+                               "quote it if it is a name")

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from dtm_fast.io.atomic import write_json
+from dtm_fast.io.owned_dir import publish
 from dtm_fast.train.parallel import Runtime, barrier
 
 logger = logging.getLogger(__name__)
@@ -114,16 +115,19 @@ def trainable_entries(model: Any) -> list[TensorEntry]:
 
 
 class StagingDir:
-    """The output directory under construction: `.<name>.tmp` beside it, renamed over it at the end."""
+    """The output directory under construction: `.<name>.dtm-staging` beside it, published over it
+    at the end by `io.owned_dir.publish` (which replaces only files dtm wrote there before)."""
 
-    def __init__(self, output: Path, runtime: Runtime):
+    def __init__(self, output: Path, runtime: Runtime, tool: str, marker: str):
         self.output = output
         self.runtime = runtime
-        self.path = output.parent / f".{output.name}.tmp"
+        self.tool = tool
+        self.marker = marker
+        self.path = output.parent / f".{output.name}.dtm-staging"
 
     def __enter__(self) -> Path:
         if self.runtime.is_main:
-            shutil.rmtree(self.path, ignore_errors=True)
+            shutil.rmtree(self.path, ignore_errors=True)  # an earlier export's unfinished staging: ours
             self.path.mkdir(parents=True)
         barrier(self.runtime)
         return self.path
@@ -132,17 +136,8 @@ class StagingDir:
         if exc_type is not None:
             return  # the partial directory stays hidden; the next export replaces it
         barrier(self.runtime)
-        if not self.runtime.is_main:
-            return
-        if self.output.exists():
-            # keep the old output until the new one is in place: rename it aside first
-            previous = self.output.parent / f".{self.output.name}.old"
-            shutil.rmtree(previous, ignore_errors=True)
-            self.output.rename(previous)
-            self.path.rename(self.output)
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            self.path.rename(self.output)
+        if self.runtime.is_main:
+            publish(self.path, self.output, self.tool, marker=self.marker)
 
 
 def write_hf_weights(directory: Path, model: Any, dtype: str, max_shard_bytes: int, runtime: Runtime) -> None:
@@ -156,8 +151,8 @@ def write_hf_weights(directory: Path, model: Any, dtype: str, max_shard_bytes: i
             weight_map[entry.name] = filename
             total += entry.nbytes(dtype)
     if runtime.is_main:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_json(directory / "model.safetensors.index.json",
+                   {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def write_hf_metadata(directory: Path, model: Any, tokenizer: Any, dtype: str, base_dir: Path) -> None:
@@ -204,12 +199,6 @@ def copy_peft_config(model: Any, base_dir: Path) -> Any:
     peft_config.base_model_name_or_path = str(base_dir.resolve())
     peft_config.inference_mode = True
     return peft_config
-
-
-def write_json(path: Path, value: Any) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2, default=str) + "\n")
-    os.replace(temporary, path)
 
 
 def copy_files(directory: Path, files: Iterable[Path]) -> None:

@@ -7,18 +7,21 @@ its summed token losses by world_size / (response tokens in the global batch) an
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dtm_fast import ui
+from dtm_fast.errors import Interrupted
 from dtm_fast.data.chat import TokenizedExample, TokenizeReport, tokenize_conversations
-from dtm_fast.data.packing import RowSchedule, collate, pack_rows
+from dtm_fast.data.packing import RowSchedule, collate, collate_flat, pack_rows
 from dtm_fast.data.records import load_conversations
 from dtm_fast.train import checkpoint as checkpoints
 from dtm_fast.train import export as exporting
@@ -26,10 +29,16 @@ from dtm_fast.train.config import TrainConfig
 from dtm_fast.train.fisher import estimate_fisher
 from dtm_fast.train.manifest import MANIFEST_NAME, build_manifest, describe_inputs
 from dtm_fast.train.metrics import MetricsLog, plot_loss
-from dtm_fast.train.model import (apply_lora, base_dtype_name, decoder_layers, load_model, load_tokenizer,
-                                  parameter_count, select_attention)
+from dtm_fast.train.loading import build_sharded
+from dtm_fast.train.model import (decoder_layers, load_tokenizer, parameter_count, select_attention,
+                                  uses_varlen_batches)
+from dtm_fast.train.optim import build_optimizer
+from dtm_fast.train.plan import check_fits
+from dtm_fast.train.throughput import device_peak, flop_model, mfu
 from dtm_fast.train.parallel import (Runtime, all_reduce_sum, autocast, barrier, close_runtime, compute_dtype,
-                                     init_runtime, parallelize)
+                                     init_runtime)
+from dtm_fast.train.preflight import TOOL, check_inputs_and_outputs
+from dtm_fast.train.resume import choose_checkpoint, run_identity
 
 logger = logging.getLogger(__name__)
 
@@ -42,18 +51,6 @@ class TrainResult:
     data_report: TokenizeReport | None = None
     non_padding_share: float = 0.0
     tokens_per_s: float = 0.0
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str, min_ratio: float) -> float:
-    """Multiplier of the base learning rate for optimizer step `step` (0-based)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if kind == "constant":
-        return 1.0
-    if kind == "linear":
-        return min_ratio + (1 - min_ratio) * (1 - progress)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def prepare_data(config: TrainConfig, tokenizer: Any) -> tuple[list[TokenizedExample], list[list[int]], TokenizeReport]:
@@ -89,35 +86,34 @@ class Trainer:
 
     # ---- build ------------------------------------------------------------------------------
     def build(self) -> None:
-        import torch
-
         config, runtime = self.config, self.runtime
+        check_inputs_and_outputs(config)
         self.grad_accumulation = config.gradient_accumulation(runtime.world_size)
+        self.identity = run_identity(config)
+        self.resume_from = choose_checkpoint(config, self.identity)
+        if config.fresh and runtime.is_main:
+            removed = checkpoints.remove_checkpoints(config.checkpoints_path)
+            if removed:
+                ui.info(f"fresh start: removed the checkpoints of steps {', '.join(map(str, removed))} in "
+                        f"{config.checkpoints_path}")
+        barrier(runtime)
+        self.last_checkpoint = self.resume_from[0] if self.resume_from else None
         self.attention = select_attention(config.attention, runtime.device.type)
         self.param_dtype = compute_dtype(config.mixed_precision, runtime.device.type)
+        self.plan = check_fits(config, runtime.world_size, runtime.device.type, runtime.local_world_size)
         _seed_everything(config.seed)
         self.tokenizer = load_tokenizer(config)
         self.examples, self.rows, self.report = prepare_data(config, self.tokenizer)
         self.schedule = RowSchedule(len(self.rows), config.batch_size, config.seed)
         self.total_steps = config.max_steps or self.schedule.total_steps(config.epochs)
 
-        model = load_model(config, self.attention)
-        self.export_dtype = base_dtype_name(config, model)
-        if config.finetuning == "lora":
-            model = apply_lora(model, config)
-        self.trainable = parameter_count(model, trainable_only=True)
-        self.total_parameters = parameter_count(model)
-        self.model = parallelize(model, runtime, decoder_layers(model), self.param_dtype,
-                                 config.activation_checkpointing)
+        self.model, self.export_dtype = build_sharded(config, self.attention, runtime, self.param_dtype)
+        self.trainable = parameter_count(self.model, trainable_only=True)
+        self.total_parameters = parameter_count(self.model)
         self.model.train()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-            weight_decay=config.weight_decay, fused=runtime.device.type == "cuda")
-        warmup = math.ceil(config.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
-            lr_factor, total_steps=self.total_steps, warmup_steps=warmup, kind=config.lr_scheduler,
-            min_ratio=config.min_lr_ratio))
+        self.optimizer, self.scheduler = build_optimizer(self.model, config, self.total_steps, runtime.device.type)
+        self.flops = flop_model(self.model, len(decoder_layers(self.model)))
+        self.peak_flops, self.peak_source = device_peak(runtime.device, self.param_dtype, config.peak_tflops)
         self.metrics_log = MetricsLog(config.checkpoints_path / "metrics.jsonl", runtime.is_main)
 
     def describe(self) -> None:
@@ -130,6 +126,8 @@ class Trainer:
                 f"responses) in {len(self.rows)} rows of <= {config.max_length} tokens"
                 f"{' (packed)' if config.packing else ''}; {self.total_steps} steps of {config.batch_size} rows "
                 f"({self.grad_accumulation} micro-batch(es) of {config.micro_batch_size} per rank per step)")
+        ui.info(f"MFU against {self.peak_source} per device" if self.peak_flops else f"MFU not reported: "
+                f"{self.peak_source}")
         if report.truncated:
             ui.warn(f"{report.truncated} example(s) longer than max_length {config.max_length} were truncated")
         if report.dropped_too_long:
@@ -144,9 +142,15 @@ class Trainer:
         global_rows = self.schedule.rows_for_step(step)
         per_rank = config.batch_size // runtime.world_size
         mine = global_rows[runtime.rank * per_rank:(runtime.rank + 1) * per_rank]
-        return [collate(self.examples, [self.rows[i] for i in mine[start:start + config.micro_batch_size]],
-                        self.tokenizer.pad_token_id)
-                for start in range(0, len(mine), config.micro_batch_size)]
+        micro = [[self.rows[i] for i in mine[start:start + config.micro_batch_size]]
+                 for start in range(0, len(mine), config.micro_batch_size)]
+        if uses_varlen_batches(self.attention):
+            return [collate_flat(self.examples, rows) for rows in micro]
+        return [collate(self.examples, rows, self.tokenizer.pad_token_id) for rows in micro]
+
+    def _sequence_lengths(self, step: int) -> list[int]:
+        """Every example's length in the global batch of `step` (all ranks), for its FLOPs."""
+        return [len(self.examples[index]) for row in self.schedule.rows_for_step(step) for index in self.rows[row]]
 
     def train_step(self, step: int) -> dict[str, float]:
         import torch
@@ -162,7 +166,7 @@ class Trainer:
         for batch in batches:
             with autocast(runtime, self.param_dtype):
                 logits = self.model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
-                                    use_cache=False).logits  # (rows, length, vocab)
+                                    use_cache=False, **batch.attention_kwargs(device)).logits  # (rows, length, vocab)
             token_loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.to(device).flatten(),
                                          ignore_index=-100, reduction="sum")
             (token_loss * scale).backward()
@@ -183,15 +187,10 @@ class Trainer:
     def train(self) -> TrainResult:
         config, runtime = self.config, self.runtime
         start_step = 0
-        if config.resume:
-            start_step = checkpoints.load_checkpoint(config.checkpoints_path, self.model, self.optimizer,
+        if self.resume_from is not None:
+            start_step = checkpoints.load_checkpoint(self.resume_from[1], self.model, self.optimizer,
                                                      self.scheduler, runtime)
-            ui.info(f"resumed from step {start_step} ({config.checkpoints_path})")
-        elif runtime.is_main and checkpoints.complete_checkpoints(config.checkpoints_path):
-            # a later `resume` must never pick up a checkpoint of the earlier run
-            ui.warn(f"{config.checkpoints_path} holds checkpoints of an earlier run; starting fresh "
-                    "(set resume: true to continue it) and removing them")
-            checkpoints.remove_checkpoints(config.checkpoints_path)
+            ui.info(f"continuing from the checkpoint of step {start_step} ({self.resume_from[1]})")
         self.metrics_log.start(start_step)
         result = TrainResult(Path(config.output_dir), self.total_steps, data_report=self.report)
         started = time.perf_counter()
@@ -206,8 +205,12 @@ class Trainer:
                 real_total += record["tokens"]
                 padded_total += record["padded_tokens"]
                 result.losses.append(record["loss"])
+                step_flops = self.flops.step_flops(self._sequence_lengths(step))
+                utilisation = mfu(step_flops, elapsed, runtime.world_size, self.peak_flops)
                 line = {"step": step + 1, "loss": record["loss"], "lr": record["lr"],
                         "grad_norm": record["grad_norm"], "tokens_per_s": record["tokens"] / elapsed,
+                        "tokens_per_s_per_device": record["tokens"] / elapsed / runtime.world_size,
+                        "mfu": round(utilisation, 4) if utilisation is not None else None,
                         "epoch": round(self.schedule.epoch_at(step + 1), 4),
                         "memory_mib": round(_memory_in_use(runtime) / 2**20, 1)}
                 self.metrics_log.append(line)
@@ -218,7 +221,8 @@ class Trainer:
                 if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 \
                         and step + 1 < self.total_steps:
                     checkpoints.save_checkpoint(config.checkpoints_path, step + 1, self.model, self.optimizer,
-                                                self.scheduler, runtime, config.keep_checkpoints)
+                                                self.scheduler, runtime, config.keep_checkpoints, self.identity)
+                    self.last_checkpoint = step + 1
         wall = time.perf_counter() - started
         result.non_padding_share = real_total / padded_total if padded_total else 0.0
         result.tokens_per_s = real_total / wall if wall > 0 else 0.0
@@ -239,7 +243,7 @@ class Trainer:
                                              self.tokenizer.pad_token_id,
                                              functools.partial(autocast, runtime, self.param_dtype),
                                              lora=config.finetuning == "lora")
-        with exporting.StagingDir(output, runtime) as staging:
+        with exporting.StagingDir(output, runtime, TOOL, MANIFEST_NAME) as staging:
             if config.finetuning == "lora":
                 exporting.write_adapter(staging, self.model, runtime, base_dir)
                 if runtime.is_main:
@@ -265,7 +269,7 @@ class Trainer:
         report = self.report
         manifest = build_manifest(
             config.to_dict(),
-            describe_inputs(Path(config.model), config.gguf_file, list(config.data)),
+            describe_inputs(Path(config.model), config.gguf_file, list(config.data), self.identity["data_sha256"]),
             {"kind": "lora_adapter" if config.finetuning == "lora" else "hf_model", "steps": self.total_steps,
              "final_loss": records[-1]["loss"] if records else None, "world_size": self.runtime.world_size,
              "examples": report.examples, "truncated": report.truncated,
@@ -275,20 +279,55 @@ class Trainer:
         exporting.write_json(staging / MANIFEST_NAME, manifest)
 
 
+    def interrupted_message(self) -> str:
+        """What the user does after Ctrl-C or SIGTERM, in exact words."""
+        directory = self.config.checkpoints_path
+        if self.last_checkpoint:
+            return (f"the last checkpoint (step {self.last_checkpoint}) is kept in {directory}; rerun the same command "
+                    "to continue from it (add --fresh to start over instead)")
+        if self.config.checkpoint_every:
+            return (f"no checkpoint was written yet (the first comes at step {self.config.checkpoint_every}); "
+                    "rerunning the same command starts from step 0")
+        return "no checkpoint was written (checkpoint_every is 0); rerunning the same command starts from step 0"
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (what torchrun, SLURM and `kill` send) ends the run like Ctrl-C: with the message that
+    says how to continue, instead of dying mid-sentence."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Run one training job in this process (one rank of it under torchrun)."""
     config.require_paths()
     runtime = init_runtime()
+    trainer = Trainer(config, runtime)
     try:
-        trainer = Trainer(config, runtime)
-        trainer.build()
-        trainer.describe()
-        result = trainer.train()
-        barrier(runtime)
-        trainer.export(result)
+        with sigterm_as_interrupt():
+            trainer.build()
+            trainer.describe()
+            result = trainer.train()
+            barrier(runtime)
+            trainer.export(result)
         if result.tokens_per_s:
             ui.info(f"trained {len(result.losses)} steps at {result.tokens_per_s:,.0f} tokens/s; non-padding "
                     f"share {result.non_padding_share:.1%}")
         return result
+    except KeyboardInterrupt:
+        if not hasattr(trainer, "last_checkpoint"):  # interrupted before the checkpoints were looked at
+            raise Interrupted("nothing was trained yet; rerun the same command to start") from None
+        raise Interrupted(trainer.interrupted_message()) from None
     finally:
         close_runtime(runtime)

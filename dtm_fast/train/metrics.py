@@ -4,8 +4,13 @@ goes, cut back to the checkpoint on resume) and a loss-curve PNG at the end."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
+
+from dtm_fast.io.atomic import write_text
+
+logger = logging.getLogger(__name__)
 
 
 class MetricsLog:
@@ -19,7 +24,7 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [record for record in self.read() if record["step"] <= resumed_step]
-        self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def append(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -27,9 +32,24 @@ class MetricsLog:
                 handle.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
+        """The records, skipping (with a warning) any line that is not one of ours: the curve is a
+        report, and a damaged line must not stop a run."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(self.path.read_bytes().decode("utf-8", "replace").splitlines(), start=1):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except (json.JSONDecodeError, RecursionError):
+                record = "damaged"
+            if record is None:
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int) \
+                    or not isinstance(record.get("loss"), (int, float)):
+                logger.warning("%s:%d: not a metrics record; skipped", self.path, number)
+                continue
+            records.append(record)
+        return records
 
 
 def plot_loss(records: list[dict[str, Any]], path: Path, title: str) -> None:

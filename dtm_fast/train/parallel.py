@@ -20,6 +20,7 @@ class Runtime:
     world_size: int
     local_rank: int
     device: Any  # torch.device
+    local_world_size: int = 1  # ranks on this node (they share its host memory)
 
     @property
     def distributed(self) -> bool:
@@ -46,7 +47,8 @@ def init_runtime() -> Runtime:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
                                 if device.type == "cuda" else None)
-    return Runtime(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return Runtime(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                   local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def close_runtime(runtime: Runtime) -> None:
@@ -64,8 +66,10 @@ def compute_dtype(mixed_precision: str, device_type: str):
     return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
 
 
-def parallelize(model: Any, runtime: Runtime, layers: list[Any], param_dtype, activation_checkpointing: bool) -> Any:
-    """Apply activation checkpointing and FSDP2 sharding from outside the model code."""
+def parallelize(model: Any, runtime: Runtime, layers: list[Any], param_dtype, activation_checkpointing: bool,
+                compile_layers: bool = False) -> Any:
+    """Apply activation checkpointing, torch.compile and FSDP2 sharding from outside the model code.
+    The model may still be on the meta device; its tensors are not moved here."""
     import torch
 
     if activation_checkpointing:
@@ -76,8 +80,13 @@ def parallelize(model: Any, runtime: Runtime, layers: list[Any], param_dtype, ac
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compile_layers:
+        # in place (nn.Module.compile): the parameters keep their names, which checkpoints and the
+        # export rely on; one compiled graph per decoder layer, as torchtitan does
+        for layer in layers:
+            layer.compile()
     if not runtime.distributed:
-        return model.to(runtime.device)
+        return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -103,3 +103,28 @@ def test_record_missing_its_field_is_named(tmp_path):
     path.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "c"}) + "\n")
     with pytest.raises(DtmError, match=r"portion.jsonl:2: .*'output'"):
         load_conversations(path, fmt="alpaca")
+
+
+def test_template_syntax_errors_name_the_source_and_line(byte_tokenizer, tmp_path):
+    from dtm_fast.data.chat import resolve_chat_template
+
+    with pytest.raises(DtmError, match=r"the inline chat_template: Jinja syntax error on line 2: unexpected '}'"):
+        resolve_chat_template(byte_tokenizer, "{% for m in messages %}\n{{ m['content'] }\n{% endfor %}")
+    path = tmp_path / "latin1.jinja"
+    path.write_bytes(b"{{ 'caf\xe9' }}")
+    with pytest.raises(DtmError, match=r"latin1.jinja: not UTF-8 text \(offset 7\)"):
+        resolve_chat_template(byte_tokenizer, str(path))
+    # what transformers' own template environment accepts is accepted: loop controls, {% generation %}
+    fine = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}"
+            "{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}{% if loop.index > 9 %}{% break %}{% endif %}"
+            "{% endfor %}")
+    assert resolve_chat_template(byte_tokenizer, fine) == fine
+
+
+def test_a_template_that_raises_names_the_record(byte_tokenizer):
+    strict = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system turns') }}" \
+             "{% endif %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(DtmError, match="portion.jsonl:7: the chat template fails on it: no system turns"):
+        system_first = Conversation([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                                     {"role": "assistant", "content": "ok"}], "portion.jsonl:7")
+        tokenize_conversations(byte_tokenizer, [system_first], strict, 64)

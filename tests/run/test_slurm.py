@@ -44,3 +44,44 @@ def test_emitted_scripts_are_valid_bash(assets):
     for script in ("prepare.sbatch", "train.sbatch", "finish.sbatch", "submit.sh"):
         result = subprocess.run(["bash", "-n", str(folder / script)], capture_output=True, text=True)
         assert result.returncode == 0, (script, result.stderr)
+
+
+def test_multi_node_training_uses_torchrun_rendezvous_from_the_slurm_environment(assets):
+    import yaml
+
+    path = write_config(assets, "multinode.yaml", run_dir="run-multinode",
+                        slurm={"nodes": 4, "gpus_per_node": 8, "setup": ["source /opt/venv/bin/activate"]})
+    assert dtm("run", str(path), "--emit", "slurm", "--quiet") == 0
+    folder = assets / "run-multinode" / "slurm"
+    train = (folder / "train.sbatch").read_text()
+    assert "#SBATCH --nodes=4\n" in train and "#SBATCH --ntasks-per-node=1\n" in train
+    assert "#SBATCH --gpus-per-node=8\n" in train and "#SBATCH --array=0-2\n" in train
+    assert 'jobs=(sub-0 sub-1 vanilla)\njob="${jobs[$SLURM_ARRAY_TASK_ID]}"\n' in train
+    assert 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n' in train
+    assert "rdzv_port=$(( 29500 + SLURM_JOB_ID % 10000 ))\n" in train
+    launch = next(line for line in train.splitlines() if line.startswith("srun "))
+    assert launch.startswith("srun --nodes=4 --ntasks-per-node=1 ")
+    for part in ("-m torch.distributed.run --nnodes=4 --nproc-per-node=8 --rdzv-backend=c10d",
+                 '--rdzv-endpoint="$head_node:$rdzv_port" --rdzv-id="$SLURM_JOB_ID"',
+                 f'-m dtm_fast.train {folder / "train-configs"}/"$job".yaml'):
+        assert part in launch, part
+    assert "--standalone" not in train  # that is the single-node form
+    assert train.index("source /opt/venv/bin/activate") < train.index("srun ")
+    # the job configs a task runs: what dtm run would train, every path absolute
+    job = yaml.safe_load((folder / "train-configs" / "sub-1.yaml").read_text())
+    assert job["output_dir"] == str(assets / "run-multinode" / "sub-1")
+    assert job["data"] == [str(assets / "run-multinode" / "portions" / "portion-1.jsonl")]
+    assert job["max_steps"] == 6 and job["resume"] is False
+    # prepare and finish stay single-node jobs of dtm run
+    assert "#SBATCH --nodes=1\n" in (folder / "prepare.sbatch").read_text()
+    assert "#SBATCH --nodes=1\n" in (folder / "finish.sbatch").read_text()
+    result = subprocess.run(["bash", "-n", str(folder / "train.sbatch")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_single_node_training_keeps_the_dtm_run_form(assets):
+    path = write_config(assets, "onenode.yaml", run_dir="run-onenode", slurm={"nodes": 1, "gpus_per_node": 4})
+    assert dtm("run", str(path), "--emit", "slurm", "--quiet") == 0
+    train = (assets / "run-onenode" / "slurm" / "train.sbatch").read_text()
+    assert "#SBATCH --nodes=1\n" in train and "srun" not in train and "--rdzv" not in train
+    assert "--stage train --index \"$SLURM_ARRAY_TASK_ID\" --nproc-per-node 4" in train

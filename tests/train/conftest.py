@@ -50,3 +50,47 @@ def run_trainer(config):
     result = trainer.train()
     trainer.export(result)
     return trainer, result
+
+
+def tiny_args(model, data, output, *extra):
+    """`dtm train` arguments for a one-step run of the tiny model (plus `extra`)."""
+    return ["train", "--model", str(model), "--data", str(data), "--output_dir", str(output), "--max_steps", "1",
+            "--batch_size", "2", "--max_length", "160", "--learning_rate", "1e-3", "--mixed_precision", "fp32",
+            "--activation_checkpointing", "false", "--quiet", *map(str, extra)]
+
+
+def dtm_train(capsys, *args):
+    """Run `dtm ARGS` in this process; returns (exit code, stderr)."""
+    from dtm_fast.cli import main
+
+    capsys.readouterr()
+    code = main(list(map(str, args)))
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code, stderr, expected):
+    """Exit 1, exactly one `dtm train: error:` line holding `expected`, and no traceback."""
+    assert code == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines()
+              if line.startswith(("dtm train: error", "dtm train: internal error", "dtm train: interrupted"))]
+    assert len(errors) == 1 and errors[0].startswith("dtm train: error: "), stderr
+    assert expected in errors[0], errors[0]
+    return errors[0]
+
+
+class PicklePayload:
+    """Unpickling this creates the marker file: what a crafted checkpoint or model file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def malicious_pickle(marker):
+    """The bytes of a pickle whose loading creates `marker`."""
+    import pickle
+
+    return pickle.dumps(PicklePayload(marker))

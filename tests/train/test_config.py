@@ -76,3 +76,65 @@ def test_base_model_without_chat_template_needs_one_named(tmp_path, arithmetic_d
     assert "no chat template" in capsys.readouterr().err
     assert main(common + ["--chat_template", "alpaca"]) == 0
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("lora_alpha", float("nan"), "lora_alpha should be a whole number, got nan"),
+    ("learning_rate", float("inf"), "learning_rate must be a finite number, got inf"),
+    ("learning_rate", float("nan"), "learning_rate must be a finite number, got nan"),
+    ("warmup_ratio", float("nan"), "warmup_ratio must be a finite number, got nan"),
+    ("weight_decay", float("-inf"), "weight_decay must be a finite number"),
+    ("max_grad_norm", float("nan"), "max_grad_norm must be a finite number"),
+    ("epochs", float("inf"), "epochs must be a finite number"),
+    ("adam_epsilon", 0.0, r"adam_epsilon must be in \(0, inf\), got 0.0"),
+    ("adam_beta2", 1.0, r"adam_beta2 must be in \[0, 1\), got 1.0"),
+    ("lora_dropout", 1.0, r"lora_dropout must be in \[0, 1\)"),
+    ("min_lr_ratio", 1.5, r"min_lr_ratio must be in \[0, 1\]"),
+    ("max_shard_size_mb", float("nan"), "max_shard_size_mb must be a finite number"),
+    ("peak_tflops", -1.0, r"peak_tflops must be in \(0, inf\)"),
+    ("seed", -1, r"seed must be in \[0, "),
+    ("batch_size", 2**40, r"batch_size must be in \[1, 2147483647\]"),
+    ("epochs", 10**400, "epochs = 1000.* is too large"),
+])
+def test_every_number_is_finite_and_in_range(key, value, expected):
+    # NaN compares false with every bound, so each check must test finiteness first
+    with pytest.raises(DtmError, match=f"config: {expected}"):
+        load_config(None, {key: value})
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("lora_alpha: .nan\n", "lora_alpha should be a whole number, got nan"),
+    ("learning_rate: .inf\n", "learning_rate must be a finite number, got inf"),
+    ("warmup_ratio: nan\n", "warmup_ratio must be a finite number, got nan"),  # text, read as a number
+    ("model: [a, b]\n", r"model should be text, got \['a', 'b'\] \(a list\)"),
+    ("chat_template: {a: 1}\n", "chat_template should be text"),
+    ("lora_target_modules: [q_proj, 3]\n", "lora_target_modules should be a list of text values"),
+    ("lora_target_modules: []\n", "lora_target_modules needs at least one module name"),
+    ("learning_rate: {value: 1}\n", "learning_rate should be a number, got {'value': 1}"),
+    ("batch_size: [16]\n", "batch_size should be a whole number"),
+    ("resume: true\nfresh: true\n", "resume and fresh contradict each other"),
+])
+def test_yaml_values_of_the_wrong_shape_name_the_field(tmp_path, text, expected):
+    path = tmp_path / "train.yaml"
+    path.write_text(text)
+    with pytest.raises(DtmError, match=f"config: {expected}"):
+        load_config(path)
+
+
+def test_config_files_that_cannot_be_read(tmp_path):
+    with pytest.raises(DtmError, match="missing.yaml: no such config file"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(DtmError, match="is a directory; give the config file itself"):
+        load_config(tmp_path)
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes(b"model: base\nchat_template: caf\xe9\n")
+    with pytest.raises(DtmError, match=r"latin1.yaml:2: not UTF-8 text \(byte 0xe9 at offset 30\)"):
+        load_config(latin)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: base\ndata: [a, b\n")
+    with pytest.raises(DtmError, match="broken.yaml:3: not valid YAML"):
+        load_config(broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- model\n- data\n")
+    with pytest.raises(DtmError, match="expected a mapping of config keys to values, got list"):
+        load_config(listing)

@@ -27,7 +27,7 @@ def test_full_export_reloads_with_transformers(tiny_model, arithmetic_data, tmp_
     for required in ("config.json", "generation_config.json", "tokenizer.json", "dtm_train.json", "loss.png",
                      "metrics.jsonl"):
         assert (output / required).is_file(), required
-    assert not list(tmp_path.glob(".sub-0.tmp*"))
+    assert not list(tmp_path.glob(".sub-0*"))  # no staging or replaced directory left
 
     reloaded = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
     trainer.model.eval()

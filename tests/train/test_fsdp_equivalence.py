@@ -49,3 +49,32 @@ def test_two_process_fsdp_equals_single_process(tiny_model, arithmetic_data, tmp
     print(f"FSDP2 2-process vs 1-process: max weight difference {worst:.2e} (weights moved by up to {moved:.2e})")
     assert moved > 1e-3
     assert worst < 1e-5
+
+
+def test_two_process_lora_equals_single_process(tiny_model, arithmetic_data, tmp_path):
+    """The adapters are created on the meta device and initialised by peft on every rank: both ranks
+    and the single process must start from, and reach, the same adapter."""
+    lora = ("--finetuning", "lora", "--lora_r", "4", "--lora_dropout", "0", "--lora_target_modules", "[q_proj,up_proj]",
+            "--learning_rate", "5e-3")
+    single = run(tmp_path, tiny_model, arithmetic_data, tmp_path / "single", 1, extra=lora)
+    sharded = run(tmp_path, tiny_model, arithmetic_data, tmp_path / "sharded", 2, extra=lora)
+    assert all(abs(a - b) < 1e-5 for a, b in zip(single, sharded)), (single, sharded)
+    one = load_file(tmp_path / "single" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "sharded" / "adapter_model.safetensors")
+    assert sorted(one) == sorted(two) and len(one) == 8
+    assert max(float((one[name] - two[name]).abs().max()) for name in one) < 1e-5
+
+
+def test_checkpoint_of_two_ranks_resumes_on_one(tiny_model, arithmetic_data, tmp_path):
+    """Each rank saved its own rows; one process reads every row back from both files."""
+    import shutil
+
+    saving = ("--checkpoint_every", "2")
+    two_ranks = run(tmp_path, tiny_model, arithmetic_data, tmp_path / "two", 2, extra=saving)
+    (tmp_path / "one.checkpoints").mkdir()
+    shutil.copytree(tmp_path / "two.checkpoints" / "step-00000002", tmp_path / "one.checkpoints" / "step-00000002")
+    assert sorted(p.name for p in (tmp_path / "one.checkpoints" / "step-00000002").iterdir()) == [
+        "rank-00000-of-00002.safetensors", "rank-00001-of-00002.safetensors", "trainer.json"]
+    one_rank = run(tmp_path, tiny_model, arithmetic_data, tmp_path / "one", 1, extra=saving)
+    assert len(one_rank) == 2  # steps 3 and 4: it continued from step 2
+    assert all(abs(a - b) < 1e-5 for a, b in zip(one_rank, two_ranks[2:])), (one_rank, two_ranks)

@@ -68,6 +68,16 @@ def test_smollm2_learns_chatterbot_conversations(tmp_path):
     examples, _, _ = prepare_data(config, load_tokenizer(config))
     base = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=GGUF, dtype=torch.float32).eval()
     before = mean_response_loss(base, examples)
+    # the GGUF was de-quantised once into the run's checkpoint directory, exactly as transformers reads it
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "sub-0.checkpoints" / "base-from-gguf"
+    assert (cache / "dtm_gguf_source.json").is_file()
+    converted = {}
+    for shard in cache.glob("*.safetensors"):
+        converted.update(load_file(shard))
+    assert all(torch.equal(converted[name], param) for name, param in base.state_dict().items() if name in converted)
+    assert len(converted) >= len(list(base.parameters()))
     del base
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "sub-0", dtype=torch.float32).eval()
     after = mean_response_loss(tuned, examples)
