@@ -106,7 +106,7 @@ class Measurements:
                     # a published output is durable: the floor of writing it with an fsync
                     read_s = merge_runs.read_files_s(files, buffer)
                     entry("floor+fsync", method, "", inputs).walls_s.append(
-                        read_s + merge_runs.write_bytes_durably_s(scratch / "floor.bin", out_bytes, buffer))
+                        read_s + merge_runs.write_bytes_s(scratch / "floor.bin", out_bytes, buffer, durable=True))
                     for backend in backends:
                         target = scratch / f"dtm-{method}-{backend}"
                         shutil.rmtree(target, ignore_errors=True)

@@ -113,14 +113,17 @@ def read_files_s(paths: list[Path], buffer: bytearray) -> float:
     return time.perf_counter() - start
 
 
-def write_bytes_s(path: Path, count: int, buffer: bytearray) -> float:
-    """Seconds to write `count` bytes to a new file (into the page cache, as the merges do), then delete it."""
+def write_bytes_s(path: Path, count: int, buffer: bytearray, durable: bool = False) -> float:
+    """Seconds to write `count` bytes to a new file (into the page cache, as the merges do; with
+    `durable`, then fsynced, as publishing an output is), then delete it."""
     view = memoryview(buffer)
     start = time.perf_counter()
     with open(path, "wb", buffering=0) as file:
         remaining = count
         while remaining:
             remaining -= file.write(view[:min(remaining, len(view))])
+        if durable:
+            os.fsync(file.fileno())
     elapsed = time.perf_counter() - start
     path.unlink()
     return elapsed
@@ -170,20 +173,6 @@ def mergekit_command(config: Path, output: Path) -> list[str] | None:
     if not Path(executable).is_file():
         return None
     return [executable, str(config), str(output), "--no-copy-tokenizer", "--quiet", "--random-seed", str(SEED)]
-
-
-def write_bytes_durably_s(path: Path, count: int, buffer: bytearray) -> float:
-    """Like write_bytes_s, then fsync: what publishing a durable output costs on top of writing."""
-    view = memoryview(buffer)
-    start = time.perf_counter()
-    with open(path, "wb", buffering=0) as file:
-        remaining = count
-        while remaining:
-            remaining -= file.write(view[:min(remaining, len(view))])
-        os.fsync(file.fileno())
-    elapsed = time.perf_counter() - start
-    path.unlink()
-    return elapsed
 
 
 def mergekit_version() -> str | None:

@@ -188,7 +188,8 @@ class ShardLayout:
 
 
 def layout_shards(entries: list[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int,
-                  max_shard_elements: int | None = None, stem: str = "model") -> list[ShardLayout]:
+                  max_shard_elements: int | None = None, stem: str = "model",
+                  number_a_single_shard: bool = False) -> list[ShardLayout]:
     """Pack (name, dtype, shape) tensors, in order, into Hugging Face shards of at most
     max_shard_bytes (or max_shard_elements elements, mergekit's parameter count); a tensor larger
     than that gets a shard of its own. The one shard planner: merges and training exports use it."""
@@ -204,7 +205,8 @@ def layout_shards(entries: list[tuple[str, str, tuple[int, ...]]], max_shard_byt
         used += size
     layouts = []
     for index, group in enumerate(groups):
-        filename = f"{stem}.safetensors" if len(groups) == 1 else f"{stem}-{index + 1:05d}-of-{len(groups):05d}.safetensors"
+        single = len(groups) == 1 and not number_a_single_shard
+        filename = f"{stem}.safetensors" if single else f"{stem}-{index + 1:05d}-of-{len(groups):05d}.safetensors"
         header, offsets = encode_header(group, {"format": "pt"})
         size = len(header) + (offsets[-1][1] if offsets else 0)
         layouts.append(ShardLayout(filename, header, size, tuple(len(header) + begin for begin, _ in offsets),

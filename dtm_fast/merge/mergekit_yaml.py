@@ -38,6 +38,22 @@ def _parameters(value: Any, where: str) -> dict:
     return {str(k): v for k, v in value.items() if k not in MERGE_ONLY_PARAMETERS}
 
 
+def _entries(value: Any, what: str, where: str) -> list:
+    if not isinstance(value, list) or not value:
+        raise DtmError(f"{where}: '{what}' must be a non-empty list")
+    return value
+
+
+def _model_entry(item: Any, allowed: set[str], where: str) -> dict:
+    """One `model:` entry of a list, with only the allowed keys."""
+    if not isinstance(item, dict) or "model" not in item:
+        raise DtmError(f"{where}: expected a mapping with 'model'")
+    extra = set(item) - allowed
+    if extra:
+        raise DtmError(f"{where}: option(s) {sorted(map(str, extra))} not supported")
+    return item
+
+
 def _layer_count(model: Path) -> int | None:
     if not (model / "config.json").is_file():
         return None
@@ -63,17 +79,10 @@ def _read_slices(slices: Any, config_dir: Path, where: str) -> list[dict]:
         if unknown:
             raise DtmError(f"{slice_where}: unknown key(s) {sorted(map(str, unknown))} (a slice holds sources and "
                            "parameters)")
-        sources = item.get("sources")
-        if not isinstance(sources, list) or not sources:
-            raise DtmError(f"{slice_where}: 'sources' must be a non-empty list")
         read = []
-        for index, source in enumerate(sources):
+        for index, source in enumerate(_entries(item.get("sources"), "sources", slice_where)):
             source_where = f"{slice_where}.sources[{index}]"
-            if not isinstance(source, dict) or "model" not in source:
-                raise DtmError(f"{source_where}: expected a mapping with 'model' and 'layer_range'")
-            extra = set(source) - {"model", "layer_range", "parameters"}
-            if extra:
-                raise DtmError(f"{source_where}: option(s) {sorted(map(str, extra))} not supported")
+            _model_entry(source, {"model", "layer_range", "parameters"}, source_where)
             layer_range = source.get("layer_range")
             if layer_range is not None and (
                     not isinstance(layer_range, list) or len(layer_range) != 2
@@ -141,16 +150,10 @@ def _usable(method, parameters: dict, level: str, where: str, ignored: list[str]
 
 
 def _model_entries(raw_models: Any, base: Path | None, method, path: Path, where: str, ignored: list[str]) -> list[dict]:
-    if not isinstance(raw_models, list) or not raw_models:
-        raise DtmError(f"{where}: 'models' must be a non-empty list")
     models = []
-    for index, item in enumerate(raw_models):
+    for index, item in enumerate(_entries(raw_models, "models", where)):
         item_where = f"{where}: models[{index}]"
-        if not isinstance(item, dict) or "model" not in item:
-            raise DtmError(f"{item_where}: each entry needs 'model'")
-        extra = set(item) - {"model", "parameters"}
-        if extra:
-            raise DtmError(f"{item_where}: option(s) {sorted(map(str, extra))} not supported")
+        _model_entry(item, {"model", "parameters"}, item_where)
         model_path, adapter = resolve_reference(item["model"], path.parent, item_where)
         parameters = _parameters(item.get("parameters"), item_where)
         if base is not None and model_path.resolve() == base.resolve() and method.base_role != "ignored" \

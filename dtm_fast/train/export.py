@@ -12,35 +12,26 @@ beside the output and renamed into place when complete.
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import shutil
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from dtm_fast.io.atomic import write_json
+from dtm_fast.io.dtypes import DTYPE_SIZES, NAME_TO_TAG
+from dtm_fast.io.safetensors_format import encode_header, layout_shards
 from dtm_fast.io.owned_dir import publish
 from dtm_fast.train.parallel import Runtime, barrier
 
 logger = logging.getLogger(__name__)
 
-SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
 @dataclass(frozen=True)
-class TensorEntry:
+class ExportTensor:
     name: str
     shape: tuple[int, ...]
     tensor: Any  # a torch.Tensor or a DTensor shard; gathered when written
-
-    def nbytes(self, dtype: str) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * ELEMENT_BYTES[dtype]
 
 
 def _full(tensor: Any):
@@ -50,27 +41,20 @@ def _full(tensor: Any):
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def write_safetensors(path: Path, entries: list[TensorEntry], dtype: str, runtime: Runtime,
+def write_safetensors(path: Path, entries: list[ExportTensor], dtype: str, runtime: Runtime,
                       metadata: dict[str, str] | None = None) -> None:
-    """Write one safetensors file tensor by tensor: the header is laid out from shapes first, then
-    each tensor is gathered, cast and appended. Rank 0 writes; all ranks gather."""
+    """Write one safetensors file tensor by tensor: the header is laid out from shapes first
+    (io.safetensors_format.encode_header), then each tensor is gathered, cast and appended. Rank 0
+    writes; all ranks gather."""
     import torch
 
     torch_dtype = getattr(torch, dtype)
     handle = None
     if runtime.is_main:
-        header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
-        offset = 0
-        for entry in entries:
-            size = entry.nbytes(dtype)
-            header[entry.name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(entry.shape),
-                                  "data_offsets": [offset, offset + size]}
-            offset += size
-        header_bytes = json.dumps(header, separators=(",", ":")).encode()
-        header_bytes += b" " * (-len(header_bytes) % 8)  # data starts 8-byte aligned
+        header, _ = encode_header([(e.name, NAME_TO_TAG[dtype], e.shape) for e in entries],
+                                  {"format": "pt", **(metadata or {})})
         handle = open(path, "wb")
-        handle.write(struct.pack("<Q", len(header_bytes)))
-        handle.write(header_bytes)
+        handle.write(header)
     try:
         for entry in entries:
             full = _full(entry.tensor)
@@ -83,34 +67,21 @@ def write_safetensors(path: Path, entries: list[TensorEntry], dtype: str, runtim
             handle.close()
 
 
-def plan_shards(entries: list[TensorEntry], dtype: str, max_shard_bytes: int) -> list[list[TensorEntry]]:
-    shards: list[list[TensorEntry]] = [[]]
-    used = 0
-    for entry in entries:
-        size = entry.nbytes(dtype)
-        if shards[-1] and used + size > max_shard_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(entry)
-        used += size
-    return shards
-
-
-def model_entries(model: Any) -> list[TensorEntry]:
+def model_entries(model: Any) -> list[ExportTensor]:
     """Parameters and persistent buffers under the names transformers saves: a tied weight
     (lm_head sharing the embedding) appears once, under its first name."""
-    entries = [TensorEntry(name, tuple(param.shape), param) for name, param in model.named_parameters()]
+    entries = [ExportTensor(name, tuple(param.shape), param) for name, param in model.named_parameters()]
     non_persistent = set()
     for module_name, module in model.named_modules():
         for buffer_name in getattr(module, "_non_persistent_buffers_set", ()):
             non_persistent.add(f"{module_name}.{buffer_name}" if module_name else buffer_name)
-    entries += [TensorEntry(name, tuple(buffer.shape), buffer) for name, buffer in model.named_buffers()
+    entries += [ExportTensor(name, tuple(buffer.shape), buffer) for name, buffer in model.named_buffers()
                 if name not in non_persistent]
     return entries
 
 
-def trainable_entries(model: Any) -> list[TensorEntry]:
-    return [TensorEntry(name, tuple(param.shape), param)
+def trainable_entries(model: Any) -> list[ExportTensor]:
+    return [ExportTensor(name, tuple(param.shape), param)
             for name, param in model.named_parameters() if param.requires_grad]
 
 
@@ -141,15 +112,17 @@ class StagingDir:
 
 
 def write_hf_weights(directory: Path, model: Any, dtype: str, max_shard_bytes: int, runtime: Runtime) -> None:
-    shards = plan_shards(model_entries(model), dtype, max_shard_bytes)
+    entries = {entry.name: entry for entry in model_entries(model)}
+    tag = NAME_TO_TAG[dtype]
+    layouts = layout_shards([(e.name, tag, e.shape) for e in entries.values()], max_shard_bytes,
+                            number_a_single_shard=True)
     weight_map = {}
     total = 0
-    for number, shard in enumerate(shards, start=1):
-        filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(directory / filename, shard, dtype, runtime)
-        for entry in shard:
-            weight_map[entry.name] = filename
-            total += entry.nbytes(dtype)
+    for layout in layouts:
+        write_safetensors(directory / layout.filename, [entries[name] for name, _, _ in layout.entries], dtype, runtime)
+        for name, _, shape in layout.entries:
+            weight_map[name] = layout.filename
+            total += math.prod(shape) * DTYPE_SIZES[tag]
     if runtime.is_main:
         write_json(directory / "model.safetensors.index.json",
                    {"metadata": {"total_size": total}, "weight_map": weight_map})

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from dtm_fast.data.chat import TokenizedExample
 from dtm_fast.data.packing import collate
-from dtm_fast.train.export import TensorEntry
+from dtm_fast.train.export import ExportTensor
 from dtm_fast.train.parallel import Runtime
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ def adapter_tensor_name(name: str) -> str:
 
 
 def estimate_fisher(model: Any, examples: Sequence[TokenizedExample], indices: Sequence[int], runtime: Runtime,
-                    pad_id: int, autocast_context, lora: bool) -> list[TensorEntry]:
+                    pad_id: int, autocast_context, lora: bool) -> list[ExportTensor]:
     import torch
     import torch.nn.functional as F
 
@@ -48,5 +48,5 @@ def estimate_fisher(model: Any, examples: Sequence[TokenizedExample], indices: S
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     count = max(1, len(indices))
-    return [TensorEntry(adapter_tensor_name(name) if lora else name, tuple(param.shape), sums[name] / count)
+    return [ExportTensor(adapter_tensor_name(name) if lora else name, tuple(param.shape), sums[name] / count)
             for name, param in parameters]
