@@ -60,8 +60,11 @@ def test_existing_output_is_never_lost(tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(DtmError, match="did not write"):
-        disperse(DisperseConfig(inputs=(str(data),), output_dir=str(foreign), k=2, overwrite=True))
+        disperse(DisperseConfig(inputs=(str(data),), output_dir=str(foreign), k=2))
+    # --overwrite writes beside a file dtm did not write, and never deletes it
+    disperse(DisperseConfig(inputs=(str(data),), output_dir=str(foreign), k=2, overwrite=True))
     assert (foreign / "notes.txt").read_text() == "keep me"
+    assert (foreign / "portion-1.jsonl").is_file()
 
     out = tmp_path / "out"
     first = disperse(DisperseConfig(inputs=(str(data),), output_dir=str(out), k=2))
@@ -73,7 +76,8 @@ def test_existing_output_is_never_lost(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == saved
     replaced = disperse(DisperseConfig(inputs=(str(data),), output_dir=str(out), k=3, overwrite=True))
     assert replaced.manifest["counts"] == [4, 3, 3] and first.manifest["k"] == 2
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"] + [f"portion-{i}.jsonl" for i in range(3)]
+    assert sorted(p.name for p in out.iterdir()) == [".dtm-written.json", "manifest.json"] + [
+        f"portion-{i}.jsonl" for i in range(3)]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temporary left behind
 
 
