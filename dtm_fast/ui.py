@@ -5,20 +5,38 @@ Three output modes, chosen once per process by `configure()`:
 - "plain": one log line per stage update, at most every few seconds (CI logs, pipes, `--quiet`);
 - "json": one JSON object per line on stdout, for machines (`--json`).
 In a distributed run only rank 0 prints (RANK environment variable, as set by torchrun).
+DTM_UI=json in the environment forces the json mode (how `dtm run` reads a training subprocess).
+
+`library_output_to(log_file)` keeps the terminal for dtm's own lines: everything else written to
+stdout/stderr while it is active (log lines and progress bars of transformers, lm-evaluation-harness,
+datasets, tqdm, warnings, even C libraries) goes to the log file, at the file-descriptor level.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Iterator, TextIO
 
 _mode = None  # set by configure(); None means "decide on first use"
 _console = None
 PLAIN_INTERVAL_S = 5.0
+# where dtm's own lines go: the process's stdout/stderr, or the terminal saved by library_output_to
+_out: TextIO | None = None
+_err: TextIO | None = None
+
+
+def _stdout() -> TextIO:
+    return _out or sys.stdout
+
+
+def _stderr() -> TextIO:
+    return _err or sys.stderr
 
 
 def _is_rank_zero() -> bool:
@@ -28,9 +46,9 @@ def _is_rank_zero() -> bool:
 def configure(json_output: bool = False, quiet: bool = False) -> str:
     """Pick the output mode for this process and return it."""
     global _mode
-    if json_output:
+    if json_output or os.environ.get("DTM_UI") == "json":
         _mode = "json"
-    elif quiet or not sys.stderr.isatty():
+    elif quiet or not _stderr().isatty():
         _mode = "plain"
     else:
         _mode = "rich"
@@ -46,12 +64,12 @@ def _rich_console():
     if _console is None:
         from rich.console import Console
 
-        _console = Console(stderr=True)
+        _console = Console(file=_stderr())
     return _console
 
 
 def _emit_json(record: dict[str, Any]) -> None:
-    print(json.dumps(record, default=str), flush=True)
+    print(json.dumps(record, default=str), file=_stdout(), flush=True)
 
 
 def info(message: str) -> None:
@@ -62,7 +80,7 @@ def info(message: str) -> None:
     elif mode() == "rich":
         _rich_console().print(message, highlight=False)
     else:
-        print(message, file=sys.stderr, flush=True)
+        print(message, file=_stderr(), flush=True)
 
 
 def warn(message: str) -> None:
@@ -73,7 +91,7 @@ def warn(message: str) -> None:
     elif mode() == "rich":
         _rich_console().print(f"[yellow]warning:[/yellow] {message}", highlight=False)
     else:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        print(f"warning: {message}", file=_stderr(), flush=True)
 
 
 def format_bytes(count: float) -> str:
@@ -147,7 +165,7 @@ class Stage:
             total = format_bytes(self.total) if self.unit == "bytes" else f"{self.total:g}"
             eta_text = f"  eta {eta:.0f}s" if eta is not None else ""
             print(f"[{self.name}] {done}/{total}  {self._rate_text()}{eta_text}  {self._describe_fields()}",
-                  file=sys.stderr, flush=True)
+                  file=_stderr(), flush=True)
 
 
 @contextmanager
@@ -173,7 +191,7 @@ def stage(name: str, total: float, unit: str = "bytes", budget_bytes: int | None
             return  # an interrupted stage prints no "done" line
     elapsed = time.perf_counter() - progress_stage.started
     if mode() == "plain" and _is_rank_zero():
-        print(f"[{name}] done in {elapsed:.1f}s", file=sys.stderr, flush=True)
+        print(f"[{name}] done in {elapsed:.1f}s", file=_stderr(), flush=True)
 
 
 def metrics(record: dict[str, Any]) -> None:
@@ -188,7 +206,7 @@ def metrics(record: dict[str, Any]) -> None:
     if mode() == "rich":
         _rich_console().print(text, highlight=False)
     else:
-        print(text, file=sys.stderr, flush=True)
+        print(text, file=_stderr(), flush=True)
 
 
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
@@ -213,4 +231,86 @@ def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     lines = [title, "  ".join(str(c).ljust(w) for c, w in zip(columns, widths)),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in rows]
-    print("\n".join(lines), flush=True)
+    print("\n".join(lines), file=_stdout(), flush=True)
+
+
+class _TerminalWarnings(logging.Handler):
+    """dtm's own warnings still reach the terminal while library output goes to the log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith("dtm_fast") and record.levelno >= logging.WARNING:
+            warn(record.getMessage())
+
+
+def _terminal_stream(stream: TextIO, fd: int) -> tuple[TextIO, int | None]:
+    """A stream that keeps writing where `stream` writes now, after fd is pointed elsewhere."""
+    try:
+        if stream.fileno() != fd:
+            return stream, None
+    except (AttributeError, OSError, ValueError):
+        return stream, None  # not backed by fd (a test's capture): it is not redirected anyway
+    copy = os.dup(fd)
+    return os.fdopen(copy, "w", buffering=1, encoding=getattr(stream, "encoding", None) or "utf-8",
+                     errors="replace", closefd=True), copy
+
+
+@contextmanager
+def library_output_to(log_file: Path) -> Iterator[Path]:
+    """Send every line written to stdout/stderr (and every log record) to `log_file` while active;
+    dtm's own output (info, warn, tables, progress) still goes to the terminal. Nested uses keep the
+    outer log file."""
+    global _out, _err, _console
+    if _out is not None or _err is not None:
+        yield log_file
+        return
+    log_file = Path(log_file)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    terminal_out, out_copy = _terminal_stream(sys.stdout, 1)
+    terminal_err, err_copy = _terminal_stream(sys.stderr, 2)
+    saved_fds = {fd: os.dup(fd) for fd in (1, 2)}
+    saved_streams = (sys.stdout, sys.stderr)
+    log = open(log_file, "a", buffering=1, encoding="utf-8", errors="replace")
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    file_handler = logging.StreamHandler(log)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    warnings_handler = _TerminalWarnings()
+    os.environ["DTM_LIBRARY_LOG"] = str(log_file)
+    _out, _err, previous_console = terminal_out, terminal_err, _console
+    _console = None
+    try:
+        for fd in (1, 2):
+            os.dup2(log.fileno(), fd)
+        sys.stdout = sys.stderr = log
+        root.handlers = [file_handler, warnings_handler]
+        root.setLevel(min(saved_level, logging.INFO) if saved_level else logging.INFO)
+        _quiet_library_progress()
+        yield log_file
+    finally:
+        root.handlers, root.level = saved_handlers, saved_level
+        sys.stdout, sys.stderr = saved_streams
+        for fd, copy in saved_fds.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        log.close()
+        os.environ.pop("DTM_LIBRARY_LOG", None)
+        for stream, copy in ((terminal_out, out_copy), (terminal_err, err_copy)):
+            if copy is not None:
+                stream.close()
+        _out = _err = None
+        _console = previous_console
+
+
+def _quiet_library_progress() -> None:
+    """Progress bars that libraries draw with carriage returns make a log file unreadable: turn
+    them off where a library says how (they would go to the log file anyway)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    for module, function in (("datasets", "disable_progress_bars"), ("transformers.utils.logging", "disable_progress_bar")):
+        if module in sys.modules:
+            try:
+                getattr(sys.modules[module], function)()
+            except AttributeError:
+                pass

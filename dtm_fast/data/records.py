@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from dtm_fast.errors import DtmError
-from dtm_fast.io.text import read_utf8, utf8_lines
+from dtm_fast.io.text import json_value, read_utf8, utf8_lines
 
 FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -102,20 +102,11 @@ def count_records(path: str | Path) -> int:
     return len(read_records(path))
 
 
-def _parse_json(text: str, where: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DtmError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-    except RecursionError:
-        raise DtmError(f"{where}: JSON nested too deeply to read") from None
-
-
 def _iter_jsonl(path: Path) -> Iterator[Record]:
     for line_number, line in utf8_lines(path, "data file"):
         if not line.strip():
             continue
-        value = _parse_json(line, f"{path}:{line_number}")
+        value = json_value(line, f"{path}:{line_number}")
         if not isinstance(value, dict):
             raise DtmError(f"{path}:{line_number}: expected a JSON object per line, got {type(value).__name__}")
         yield Record(value, f"{path}:{line_number}")

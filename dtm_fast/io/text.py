@@ -4,6 +4,7 @@ every reader of a user's text file goes through here."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -44,3 +45,13 @@ def utf8_lines(path: Path, what: str = "file") -> Iterator[tuple[int, str]]:
                 yield line_number, raw.decode("utf-8")
             except UnicodeDecodeError as error:
                 raise _not_utf8(path, line_number, error, raw) from None
+
+
+def json_value(text: str, where: str):
+    """One JSON value (a jsonl line, a small file), errors naming `where` ("file:line")."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DtmError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+    except RecursionError:
+        raise DtmError(f"{where}: JSON nested too deeply to read") from None
