@@ -61,6 +61,14 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         dry_run(config, args.until, f"dtm run {args.config} (dry run: nothing is run)")
         return 0
+    if args.stage == "finish":
+        # refuse before any work when the stages the finish job reads are not all there
+        upstream = {"base", *(f"{cell.prefix}disperse" for cell in config.cells()), *jobs}
+        looked = Walk(config, execute=False, until=args.until).walk()
+        waiting = [s.name for s in looked if s.name in upstream and s.state != "current"]
+        if waiting:
+            raise DtmError(f"--stage finish: {', '.join(waiting)} not current yet (run the prepare and train jobs "
+                           "first)")
     walk = Walk(config, execute=True, nproc_per_node=args.nproc_per_node, group=args.stage, job_index=args.index,
                 until=args.until)
     config.run_dir.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dtm_fast.run import stages
 from dtm_fast.run.config import parse_run_config
 from dtm_fast.run.runner import Walk
 from tests.run.conftest import REPO
@@ -22,8 +23,15 @@ def test_example_config_is_valid(example: Path, assets, tmp_path):
     values = yaml.safe_load(text)
     values.update(data=[str(assets / "data.jsonl")], base_model=str(assets / "base"), run_dir=str(tmp_path / "run"))
     config = parse_run_config(values, example)
-    assert config.k == 4 and config.nproc_per_node == 8
     plan = Walk(config, execute=False).walk()
-    assert [s.name for s in plan] == ["base", "disperse", "sub-0", "sub-1", "sub-2", "sub-3", "vanilla", "merge",
-                                      "eval"]
+    cells = config.cells()
+    merges = [config.merged_name(cell, setting) for cell in cells for setting in config.merges]
+    assert [s.name for s in plan] == ["base", *(f"{c.prefix}disperse" for c in cells), *config.job_names(), *merges,
+                                      *(f"eval {m.spec.id}" for m in stages.eval_models(config)), "report"]
     assert not (tmp_path / "run").exists()
+
+
+def test_the_paper_setting_example():
+    values = yaml.safe_load((REPO / "examples" / "dtm" / "llama2-7b-tulu-k4.yaml").read_text())
+    assert values["k"] == 4 and values["launch"]["nproc_per_node"] == 8
+    assert values["train"]["lora_r"] == 16 and values["merge"]["method"] == "linear"
