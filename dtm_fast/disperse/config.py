@@ -102,7 +102,7 @@ class DisperseConfig:
         if not isinstance(values, Mapping):
             raise DtmError(f"disperse: expected a mapping of keys to values, got {values!r}")
         known = {item.name for item in fields(cls)}
-        unknown = sorted(str(key) for key in set(values) - known)
+        unknown = sorted(repr(key) for key in set(values) - known)
         if unknown:
             raise DtmError(f"disperse: unknown config key(s) {', '.join(unknown)}; "
                            f"known keys are {', '.join(sorted(known))}")

@@ -169,7 +169,7 @@ class EvalConfig:
         if not isinstance(values, Mapping):
             raise DtmError(f"eval: expected a mapping of keys to values, got {values!r}")
         known = {item.name for item in fields(cls)}
-        unknown = sorted(str(key) for key in set(values) - known)
+        unknown = sorted(repr(key) for key in set(values) - known)
         if unknown:
             raise DtmError(f"eval: unknown config key(s) {', '.join(unknown)}; known keys are {', '.join(sorted(known))}")
         try:
@@ -206,7 +206,7 @@ def _model_spec(value: Any, index: int) -> ModelSpec:
     if not isinstance(value, Mapping):
         raise DtmError(f"models[{index}] must be a mapping with name and path, got {value!r}")
     known = {item.name for item in fields(ModelSpec)}
-    unknown = sorted(str(key) for key in set(value) - known)
+    unknown = sorted(repr(key) for key in set(value) - known)
     if unknown or "name" not in value or "path" not in value:
         raise DtmError(f"models[{index}]: needs 'name' and 'path' (and optionally {', '.join(sorted(known - {'name', 'path'}))})"
                        + (f"; unknown key(s) {', '.join(unknown)}" if unknown else ""))
@@ -220,7 +220,7 @@ def _task_spec(value: Any, index: int) -> TaskSpec:
         return TaskSpec.parse(value)
     if isinstance(value, Mapping):
         known = {item.name for item in fields(TaskSpec)}
-        unknown = sorted(str(key) for key in set(value) - known)
+        unknown = sorted(repr(key) for key in set(value) - known)
         if unknown or "name" not in value:
             raise DtmError(f"tasks[{index}]: needs 'name' (and optionally 'file', 'metric')"
                            + (f"; unknown key(s) {', '.join(unknown)}" if unknown else ""))

@@ -48,7 +48,7 @@ def test_unknown_format_method_and_config_key():
         DisperseConfig(inputs=("x.jsonl",), output_dir="out", k=2, format="yaml")
     with pytest.raises(DtmError, match="unknown method 'spectral'"):
         DisperseConfig(inputs=("x.jsonl",), output_dir="out", k=2, method="spectral")
-    with pytest.raises(DtmError, match=r"unknown config key\(s\) n_portions"):
+    with pytest.raises(DtmError, match=r"unknown config key\(s\) 'n_portions'"):
         DisperseConfig.from_dict({"inputs": "x.jsonl", "output_dir": "out", "n_portions": 2})
     with pytest.raises(DtmError, match="needs an encoder"):
         DisperseConfig(inputs=("x.jsonl",), output_dir="out", k=2, method="kmeans")

@@ -26,8 +26,8 @@ def test_unknown_keys_are_named_with_their_section(assets):
     train = dict(base_values()["train"], lr=1e-4)
     assert "train: unknown key 'lr'" in error_of(assets, train=train)
     assert "merge: unknown key 'methd'; did you mean 'method'?" in error_of(assets, merge={"methd": "linear"})
-    assert "unknown config key(s) method_name" in error_of(assets, disperse={"method_name": "random"})
-    assert "eval: unknown config key(s) task" in error_of(assets, eval={"task": ["mmlu"], "tasks": ["mmlu"]})
+    assert "unknown config key(s) 'method_name'" in error_of(assets, disperse={"method_name": "random"})
+    assert "eval: unknown config key(s) 'task'" in error_of(assets, eval={"task": ["mmlu"], "tasks": ["mmlu"]})
 
 
 def test_bad_values_name_the_field(assets):
