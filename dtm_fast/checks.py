@@ -6,7 +6,9 @@ disperse, eval and run so that every field is checked the same way."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
 
 from dtm_fast.errors import DtmError
 
@@ -56,3 +58,13 @@ def choice(value: Any, field: str, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise DtmError(f"unknown {field} {value!r}; expected one of {', '.join(choices)}")
     return value
+
+
+def prefixed(prefix: str, check: Callable[[], T]) -> T:
+    """Run `check`; a DtmError it raises gets `prefix` (the config file, the section) unless its
+    message already starts with it."""
+    try:
+        return check()
+    except DtmError as error:
+        message = str(error)
+        raise DtmError(message if message.startswith(prefix) else f"{prefix}{message}") from None

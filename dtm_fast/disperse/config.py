@@ -60,11 +60,7 @@ class DisperseConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        try:
-            self._check()
-        except DtmError as error:
-            message = str(error)
-            raise DtmError(message if message.startswith("disperse: ") else f"disperse: {message}") from None
+        checks.prefixed("disperse: ", self._check)
 
     def _check(self) -> None:
         inputs = self.inputs

@@ -112,11 +112,7 @@ class EvalConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        try:
-            self._check()
-        except DtmError as error:
-            message = str(error)
-            raise DtmError(message if message.startswith("eval: ") else f"eval: {message}") from None
+        checks.prefixed("eval: ", self._check)
 
     def _check(self) -> None:
         if isinstance(self.models, (str, Mapping)) or not isinstance(self.models, (list, tuple)):

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                            "first)")
     walk = Walk(config, execute=True, nproc_per_node=args.nproc_per_node, group=args.stage, job_index=args.index,
                 until=args.until)
-    config.run_dir.mkdir(parents=True, exist_ok=True)
+    stages.log_path(config).parent.mkdir(parents=True, exist_ok=True)
     with ui.library_output_to(stages.log_path(config)):
         plan = walk.walk()
     waiting = [s.name for s in plan if s.name not in walk.identities]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,7 +206,8 @@ def _path(value: Any, field_name: str, where: str, root: Path) -> Path:
     if not isinstance(value, str) or not value:
         raise DtmError(f"{where}: '{field_name}' must be a path, got {value!r}")
     path = Path(value).expanduser()
-    return path if path.is_absolute() else (root / path)
+    # normpath, not resolve: "../runs" reads as it is meant, a symlinked model keeps its own name
+    return Path(os.path.normpath(path if path.is_absolute() else (root / path)))
 
 
 def _whole_number(values: Mapping[str, Any], key: str, default: int, where: str, minimum: int = 1,
@@ -318,12 +320,7 @@ def _slurm_section(values: Mapping[str, Any], where: str) -> SlurmSection:
 def parse_run_config(values: Mapping[str, Any], config_path: Path, run_dir: str | None = None) -> RunConfig:
     """Check `values` (the YAML mapping) and build the RunConfig; `run_dir` overrides the file's.
     Every error names the config file."""
-    where = str(config_path)
-    try:
-        return _parse(values, config_path, run_dir)
-    except DtmError as error:
-        message = str(error)
-        raise DtmError(message if message.startswith(where) else f"{where}: {message}") from None
+    return checks.prefixed(f"{config_path}: ", lambda: _parse(values, config_path, run_dir))
 
 
 def _parse(values: Mapping[str, Any], config_path: Path, run_dir: str | None) -> RunConfig:

@@ -92,34 +92,50 @@ class Walk:
                         lambda cell=cell: run_disperse(config, cell), prepare)
         if group == "prepare" or self.until == "disperse":
             return self.plan
-        for index, job in enumerate(config.jobs()):
-            if group == "train" and index != self.job_index:
-                continue
-            self._stage(job.name, stages.job_dir(config, job.name), ("base", disperse_stage(job.cell)),
-                        lambda job=job: stages.train_status(config, job, self.hashes),
-                        lambda job=job: run_training(config, job, self.nproc, self.hashes), group in ("all", "train"))
-        if group == "train" or self.until == "train":
-            return self.plan
-        finish = group in ("all", "finish")
-        for cell in config.cells():
-            for setting in config.merges:
-                name = stages.merge_stage(config, cell, setting)
-                subs = tuple(f"{cell.prefix}sub-{i}" for i in range(cell.k))
-                self._stage(name, stages.merged_dir(config, cell, setting), ("base", *subs),
-                            lambda cell=cell, setting=setting: stages.merge_status(config, cell, setting, self.identities),
-                            lambda cell=cell, setting=setting: run_merge_stage(config, cell, setting, self.identities),
-                            finish)
-        if self.until == "merge":
-            return self.plan
         models = stages.eval_models(config)
-        for model in models:
-            self._stage(stages.eval_stage(model), stages.eval_dir(config, model.spec.id), ("base", *model.depends_on),
-                        lambda model=model: stages.eval_status(config, model, self.identities, self.hashes),
-                        lambda model=model: run_eval_model(config, model, self.identities, self.hashes), finish)
-        self._stage("report", stages.report_dir(config), tuple(stages.eval_stage(m) for m in models),
-                    lambda: stages.report_status(config, models, self.identities),
-                    lambda: run_report(config, models, self.identities), finish)
+        finish = group in ("all", "finish")
+        evaluate = self.until == "eval" and group != "train"
+        # seed by seed: a run stopped part-way has every stage of its first seeds, a usable partial result
+        jobs = config.jobs()
+        for seed in config.seeds if config.seeds is not None else (None,):
+            for index, job in enumerate(jobs):
+                if job.cell.seed != seed or (group == "train" and index != self.job_index):
+                    continue
+                self._stage(job.name, stages.job_dir(config, job.name), ("base", disperse_stage(job.cell)),
+                            lambda job=job: stages.train_status(config, job, self.hashes),
+                            lambda job=job: run_training(config, job, self.nproc, self.hashes),
+                            group in ("all", "train"))
+            if group == "train" or self.until == "train":
+                continue
+            for cell in (c for c in config.cells() if c.seed == seed):
+                for setting in config.merges:
+                    name = stages.merge_stage(config, cell, setting)
+                    subs = tuple(f"{cell.prefix}sub-{i}" for i in range(cell.k))
+                    self._stage(name, stages.merged_dir(config, cell, setting), ("base", *subs),
+                                lambda cell=cell, setting=setting: stages.merge_status(config, cell, setting,
+                                                                                       self.identities),
+                                lambda cell=cell, setting=setting: run_merge_stage(config, cell, setting,
+                                                                                   self.identities),
+                                finish)
+            if evaluate:
+                for model in models:
+                    if model.spec.role != "base" and model.seed == seed:
+                        self._eval_stage(model, finish)
+        if evaluate:
+            # the base last: a run stopped part-way has its first seeds' vanilla and merged scores
+            for model in models:
+                if model.spec.role == "base":
+                    self._eval_stage(model, finish)
+            self._stage("report", stages.report_dir(config), tuple(stages.eval_stage(m) for m in models),
+                        lambda: stages.report_status(config, models, self.identities),
+                        lambda: run_report(config, models, self.identities), finish)
         return self.plan
+
+    def _eval_stage(self, model: stages.EvalModel, in_group: bool) -> None:
+        config = self.config
+        self._stage(stages.eval_stage(model), stages.eval_dir(config, model.spec.id), ("base", *model.depends_on),
+                    lambda: stages.eval_status(config, model, self.identities, self.hashes),
+                    lambda: run_eval_model(config, model, self.identities, self.hashes), in_group)
 
 
 def disperse_stage(cell: Cell) -> str:
@@ -162,7 +178,7 @@ def estimated_cost(config: RunConfig, records: int) -> list[list[str]]:
             return f"{train.max_steps} steps"
         # without packing: one row per record; packing only lowers it
         total = -(-int(rows * train.epochs) // train.batch_size)
-        return f"≤ {total} steps ({train.epochs:g} epochs of ~{rows} records, {train.batch_size} rows a step)"
+        return f"≤ {total} steps ({train.epochs:g} epoch(s) of ~{rows} records, {train.batch_size} rows a step)"
 
     seeds = len(config.seeds) if config.seeds is not None else 1
     rows = [["grid", f"{seeds} seed(s) x K in {list(config.ks)} x {len(config.merges)} merge setting(s)",
