@@ -54,15 +54,3 @@ def run(args: argparse.Namespace) -> int:
     measurements = Measurements.collect(args)
     report(measurements, args)
     return 0
-
-
-def default_backends() -> list[str]:
-    backends = ["cpu", "reference"]
-    try:
-        from dtm_fast.merge.backends import triton_backend
-
-        if triton_backend.unavailable_reason() is None:
-            backends.insert(0, "triton")
-    except ImportError:
-        pass
-    return backends

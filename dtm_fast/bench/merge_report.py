@@ -59,8 +59,6 @@ class Measurements:
 
     @classmethod
     def collect(cls, args) -> "Measurements":
-        from dtm_fast.bench.merge import default_backends
-
         preset = PRESETS[args.preset]
         workdir = Path(args.workdir).resolve()
         repository = Path(__file__).resolve().parents[2]
@@ -71,7 +69,7 @@ class Measurements:
         logs = output / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         base, models = build_models(workdir, preset, args.models, args.noise)
-        backends = args.backends or default_backends()
+        backends = args.backends or merge_runs.default_backends()
         mergekit_version = None if args.no_mergekit else merge_runs.mergekit_version()
         if not args.no_mergekit and mergekit_version is None:
             ui.warn("mergekit is not installed: timing dtm and the floor only (pip install mergekit)")

@@ -135,3 +135,16 @@ def mergekit_version() -> str | None:
         return version("mergekit")
     except Exception:  # noqa: BLE001 - any failure means "not installed" here
         return None
+
+
+def default_backends() -> list[str]:
+    """cpu and reference, and triton first where a GPU and triton are usable."""
+    from dtm_fast.merge.backends.devices import gpu_may_be_present
+
+    backends = ["cpu", "reference"]
+    if gpu_may_be_present():
+        from dtm_fast.merge.backends import triton_backend
+
+        if triton_backend.unavailable_reason() is None:
+            backends.insert(0, "triton")
+    return backends

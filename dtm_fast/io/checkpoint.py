@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,9 +45,14 @@ class Checkpoint:
         return sum(entry.nbytes for entry in self.tensors.values())
 
 
-def _load_json(path: Path) -> dict:
+def load_json_object(path: Path) -> dict:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as error:
+        raise DtmError(f"{path}: cannot read ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        raise DtmError(f"{path}: not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x}); "
+                       "JSON files must be UTF-8") from None
     except json.JSONDecodeError as error:
         raise DtmError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
     if not isinstance(value, dict):
@@ -55,11 +61,15 @@ def _load_json(path: Path) -> dict:
 
 
 def _files_from_index(index_path: Path) -> tuple[list[Path], dict[str, str]]:
-    index = _load_json(index_path)
+    index = load_json_object(index_path)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise DtmError(f"{index_path}: has no 'weight_map' of tensor name -> shard file")
-    files = sorted({str(f) for f in weight_map.values()})
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file or Path(file).name != file:
+            raise DtmError(f"{index_path}: weight_map[{name!r}] must be the name of a shard file in "
+                           f"{index_path.parent}, got {file!r}")
+    files = sorted(set(weight_map.values()))
     paths = []
     for name in files:
         shard = index_path.parent / name
@@ -74,6 +84,8 @@ def open_checkpoint(path: str | Path, allow_pickle: bool = False, pickle_cache: 
     path = Path(path)
     if not path.exists():
         raise DtmError(f"{path}: no such file or directory")
+    if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+        raise DtmError(f"{path}: cannot read this directory (permission denied)")
     config: dict = {}
     is_adapter = False
     weight_map: dict[str, str] | None = None
@@ -102,9 +114,9 @@ def open_checkpoint(path: str | Path, allow_pickle: bool = False, pickle_cache: 
         files = shards
     if path.is_dir():
         if (path / "config.json").is_file():
-            config = _load_json(path / "config.json")
+            config = load_json_object(path / "config.json")
         if (path / ADAPTER_CONFIG).is_file():
-            config = _load_json(path / ADAPTER_CONFIG)
+            config = load_json_object(path / ADAPTER_CONFIG)
             is_adapter = True
     return _collect(path, files, weight_map, config, is_adapter)
 
@@ -160,7 +172,7 @@ def _open_pickle(path: Path, files: list[Path], allow_pickle: bool, cache: Path 
             partial.rename(target)
             log.info("converted %s to safetensors in %s", file, target)
         converted.append(target)
-    config = _load_json(path / "config.json") if path.is_dir() and (path / "config.json").is_file() else {}
+    config = load_json_object(path / "config.json") if path.is_dir() and (path / "config.json").is_file() else {}
     checkpoint = _collect(path, converted, None, config, False)
     return checkpoint
 

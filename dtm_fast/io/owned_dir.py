@@ -41,8 +41,8 @@ def check_separate(output: Path, protected: Iterable[tuple[str, Path]]) -> None:
             relation = "contains"
         else:
             continue
-        raise DtmError(f"output {output} {relation} the {role} {path}; choose an output directory outside "
-                       "every input (dtm never writes into its inputs)")
+        raise DtmError(f"output {output} {relation} the input {path} (the {role}); choose an output directory "
+                       "outside every input (dtm never writes into its inputs)")
 
 
 def written_files(directory: Path) -> tuple[str, list[str]] | None:
@@ -89,8 +89,14 @@ def check_replaceable(output: Path, tool: str, overwrite: bool, replace_own: boo
     if output.exists() and not output.is_dir():
         raise DtmError(f"output {output} exists and is not a directory; choose a directory path")
     if not output.exists():
-        if output.parent.exists() and not output.parent.is_dir():
-            raise DtmError(f"output {output}: its parent {output.parent} is a file, not a directory")
+        ancestor = output.absolute().parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise DtmError(f"output {output}: {ancestor} is a file, not a directory")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise DtmError(f"output {output}: cannot create it, {ancestor} is not writable (read-only or "
+                           "permission denied); choose another location")
         return
     if not os.access(output, os.W_OK | os.X_OK):
         raise DtmError(f"output {output} is not writable by this user; choose another output directory")
@@ -101,16 +107,16 @@ def check_replaceable(output: Path, tool: str, overwrite: bool, replace_own: boo
     if record is not None and record[0] == tool and not foreign:
         if replace_own or overwrite:
             return
-        raise DtmError(f"{output} already holds an output of {tool}; pass --overwrite to replace it, or "
-                       "choose another output")
+        raise DtmError(f"{output} already exists and holds an output of {tool}; pass --overwrite to replace "
+                       "it, or choose another output")
     if not overwrite:
         what = f"an output of {record[0]} and " if record else ""
-        raise DtmError(f"{output} already holds {what}{len(foreign)} file(s) that {tool} did not write "
+        raise DtmError(f"{output} already exists and holds {what}{len(foreign)} file(s) that {tool} did not write "
                        f"(e.g. {foreign[0]}); choose a new or empty directory, or pass --overwrite to write "
                        "beside them (files dtm did not write are never deleted)")
 
 
-def publish(staging: Path, output: Path, tool: str, marker: str | None = None) -> None:
+def publish(staging: Path, output: Path, tool: str, marker: str | None = None, scratch: tuple[str, ...] = ()) -> None:
     """Move the complete `staging` directory (a sibling of `output`, same filesystem) into place
     and record its files as written by `tool`. `marker` is the file whose presence says the output
     is complete: it is moved last when files must be moved one by one.
@@ -118,14 +124,20 @@ def publish(staging: Path, output: Path, tool: str, marker: str | None = None) -
     An absent or empty output, or one holding only files dtm wrote, is replaced by renames: a reader
     sees the old output or the new one. Next to files dtm did not write, the new files are moved in
     one by one (after the old output's own files are removed), and the ownership record always
-    lists everything of dtm's that is in the directory, so an interruption leaves nothing orphaned."""
+    lists everything of dtm's that is in the directory, so an interruption leaves nothing orphaned.
+
+    `scratch` are glob patterns of staging files that are not part of the output (resume markers):
+    they stay in the staging directory until it has moved, so a kill at any moment leaves either a
+    resumable staging directory or a complete output; then they are removed."""
     staging, output = Path(staging), Path(output)
-    staged = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*")
-                    if p.is_file() and p.name != OWNERSHIP_FILE)
+    transient = {p.relative_to(staging).as_posix() for pattern in scratch for p in staging.glob(pattern)}
+    staged = sorted(name for name in (p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+                    if name != OWNERSHIP_FILE and name not in transient)
     write_json(staging / OWNERSHIP_FILE, {"tool": tool, "files": staged})
     if not output.exists() or (output.is_dir() and not any(output.iterdir())):
         os.replace(staging, output)
         fsync_directory(output.parent)
+        _remove_written(output, sorted(transient))
         return
     record = written_files(output)
     old_files = record[1] if record else []
@@ -135,6 +147,7 @@ def publish(staging: Path, output: Path, tool: str, marker: str | None = None) -
         os.replace(output, retired)
         os.replace(staging, output)
         fsync_directory(output.parent)
+        _remove_written(output, sorted(transient))
         _remove_written(retired, [*old_files, OWNERSHIP_FILE])
         _remove_empty_tree(retired)
         return
@@ -151,6 +164,7 @@ def publish(staging: Path, output: Path, tool: str, marker: str | None = None) -
         os.replace(staging / name, destination)
     os.replace(staging / OWNERSHIP_FILE, output / OWNERSHIP_FILE)
     fsync_directory(output)
+    _remove_written(staging, sorted(transient))
     _remove_empty_tree(staging)
 
 

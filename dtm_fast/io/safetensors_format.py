@@ -17,18 +17,26 @@ from pathlib import Path
 
 from dtm_fast.errors import DtmError
 
-# safetensors dtype tag -> bytes per element
-DTYPE_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+from dtm_fast.io.dtypes import DTYPE_SIZES, FLOAT_DTYPES  # noqa: F401 - re-exported, the one dtype table
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+# More tensor entries than any real checkpoint file holds (a 671B MoE spreads ~92k over 163 files);
+# parsing stops there, so a crafted header cannot make the parser hold millions of entries.
+MAX_TENSORS_PER_FILE = 200_000
 HEADER_ALIGNMENT = 8
 
 
+class Shaped:
+    """Element count of anything with a `shape` (tensor entries, planned tensors, merge contexts)."""
+
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
 @dataclass(frozen=True)
-class TensorEntry:
+class TensorEntry(Shaped):
     """Where one tensor's bytes live on disk."""
 
     name: str
@@ -37,10 +45,6 @@ class TensorEntry:
     path: Path
     offset: int  # absolute byte offset of the first element in the file
     nbytes: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
     @property
     def itemsize(self) -> int:
@@ -72,13 +76,11 @@ def read_header(path: str | Path) -> SafetensorsHeader:
             raw = handle.read(header_length)
     except OSError as error:
         raise DtmError(f"{path}: cannot read ({error.strerror})") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DtmError(f"{path}: corrupt safetensors header: not valid JSON ({error})") from None
-    if not isinstance(header, dict):
-        raise DtmError(f"{path}: corrupt safetensors header: expected a JSON object")
+    header = _parse_header_json(raw, path)
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise DtmError(f"{path}: corrupt safetensors header: __metadata__ must be an object of strings, got "
+                       f"{type(metadata).__name__}")
     data_start = 8 + header_length
     data_size = file_size - data_start
     tensors: dict[str, TensorEntry] = {}
@@ -88,14 +90,14 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
             raise DtmError(f"{where}: header entry needs dtype, shape and data_offsets")
         dtype = info["dtype"]
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise DtmError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPE_SIZES)})")
         shape = info["shape"]
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
             raise DtmError(f"{where}: shape {shape!r} is not a list of non-negative integers")
         offsets = info["data_offsets"]
         if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+                or not all(_is_count(o) for o in offsets) or not offsets[0] <= offsets[1]):
             raise DtmError(f"{where}: data_offsets {offsets!r} must be [begin, end] with 0 <= begin <= end")
         expected = math.prod(shape) * DTYPE_SIZES[dtype]
         if offsets[1] - offsets[0] != expected:
@@ -112,6 +114,44 @@ def read_header(path: str | Path) -> SafetensorsHeader:
             raise DtmError(f"{path}: corrupt safetensors header: tensors {name_a!r} and {name_b!r} overlap "
                            f"(bytes {begin_a}-{end_a} and from {begin_b})")
     return SafetensorsHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()}, raw)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class _TooManyEntries(Exception):
+    pass
+
+
+def _parse_header_json(raw: bytes, path: Path) -> dict:
+    """The header's JSON object; parsing stops after MAX_TENSORS_PER_FILE objects, so its memory is
+    bounded by entries as well as by bytes."""
+    if raw.count(b"{") > MAX_TENSORS_PER_FILE + 2:  # cheap: refuses before allocating any entry
+        raise DtmError(f"{path}: corrupt safetensors header: more than {MAX_TENSORS_PER_FILE:,} entries, more "
+                       "than any real checkpoint file holds")
+    objects = 0
+
+    def count_object(pairs):
+        nonlocal objects
+        objects += 1
+        if objects > MAX_TENSORS_PER_FILE + 1:
+            raise _TooManyEntries
+        return dict(pairs)
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=count_object)
+    except _TooManyEntries:
+        raise DtmError(f"{path}: corrupt safetensors header: more than {MAX_TENSORS_PER_FILE:,} entries, more "
+                       "than any real checkpoint file holds") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise DtmError(f"{path}: corrupt safetensors header: not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise DtmError(f"{path}: corrupt safetensors header: expected a JSON object")
+    if len(header) > MAX_TENSORS_PER_FILE + 1:
+        raise DtmError(f"{path}: corrupt safetensors header: {len(header):,} entries, more than any real "
+                       f"checkpoint file holds ({MAX_TENSORS_PER_FILE:,})")
+    return header
 
 
 def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> tuple[bytes, list[tuple[int, int]]]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dtm_fast.merge.budget import DEFAULT_MAX_MEMORY_TEXT
+
 PARAMETER_OPTIONS = {  # CLI shortcut -> method parameter (per model when given several values)
     "weights": "weight", "density": "density", "gamma": "gamma",
 }
@@ -38,8 +40,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="any other method parameter, e.g. --param filter_wise=true")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="output dtype (default: input's)")
-    parser.add_argument("--max-memory", default="512MiB",
-                        help="memory budget for buffers and workspace (default 512MiB); any model size fits")
+    parser.add_argument("--max-memory", default=DEFAULT_MAX_MEMORY_TEXT,
+                        help=f"memory budget for buffers and workspace (default {DEFAULT_MAX_MEMORY_TEXT}); any model "
+                             "size fits")
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     parser.add_argument("--backend", default="auto", choices=("auto", "reference", "cpu", "triton"))
     parser.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks")
@@ -48,6 +51,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="accept .bin pickle checkpoints (loaded with torch.load(weights_only=True))")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted merge of the same inputs")
+    parser.add_argument("--verify-inputs", action="store_true",
+                        help="hash every input file (slow: reads them once more) so that --resume and dtm_merge.json "
+                             "identify inputs by content, not only by file identity and modification time")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first NaN or infinity in an input (default: merge and report them)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--shard-index", type=int, default=0, help="this process's share of the output shards")
     parser.add_argument("--num-shards", type=int, default=1, help="number of processes sharing the output shards")
@@ -65,30 +73,34 @@ def _parse_param(text: str):
     if "=" not in text:
         raise DtmError(f"--param {text!r}: expected NAME=VALUE")
     name, value = text.split("=", 1)
-    return name.strip(), yaml.safe_load(value)
+    try:
+        return name.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise DtmError(f"--param {text!r}: cannot read the value ({problem}); write a number, true/false, a "
+                       "list such as [0, 0.5, 1] or [{filter: mlp, value: 0.5}, {value: 1}]") from None
 
 
 def build_config(args: argparse.Namespace):
+    """The command line as MergeConfig.from_dict values (a mergekit YAML's, with these options on top)."""
     from dtm_fast.errors import DtmError
-    from dtm_fast.merge.config import DTYPE_NAMES, MergeConfig, ModelInput, parse_size
+    from dtm_fast.merge.config import MergeConfig, parse_size
 
+    # sizes are parsed here only to name the option in errors as the user typed it
     options = dict(max_memory=parse_size(args.max_memory, "--max-memory"),
-                   max_shard_size=parse_size(args.max_shard_size, "--max-shard-size"),
-                   backend=args.backend, seed=args.seed, lora_mode=args.lora_mode, allow_pickle=args.allow_pickle,
-                   resume=args.resume, overwrite=args.overwrite, shard_index=args.shard_index,
-                   num_shards=args.num_shards)
+                   max_shard_size=parse_size(args.max_shard_size, "--max-shard-size"), backend=args.backend,
+                   seed=args.seed, lora_mode=args.lora_mode, allow_pickle=args.allow_pickle, resume=args.resume,
+                   overwrite=args.overwrite, shard_index=args.shard_index, num_shards=args.num_shards,
+                   verify_inputs=args.verify_inputs, strict=args.strict)
+    if args.dtype:
+        options["dtype"] = args.dtype
     if args.inputs and args.inputs[0].endswith((".yml", ".yaml")):
         from dtm_fast.merge.mergekit_yaml import load_mergekit_yaml
 
         if len(args.inputs) > 2 or (len(args.inputs) == 1 and args.output is None):
             raise DtmError("with a YAML config, give exactly: dtm merge CONFIG.yml OUT")
         output = Path(args.inputs[1]) if len(args.inputs) == 2 else args.output
-        config = load_mergekit_yaml(Path(args.inputs[0]), output, **options)
-        if args.dtype:
-            from dataclasses import replace
-
-            config = replace(config, dtype=DTYPE_NAMES[args.dtype])
-        return config
+        return load_mergekit_yaml(Path(args.inputs[0]), output, **options)
     if not args.inputs:
         raise DtmError("no models given; see dtm merge --help")
     if args.output is None:
@@ -113,9 +125,9 @@ def build_config(args: argparse.Namespace):
     for text in args.param:
         name, value = _parse_param(text)
         shared[name] = value
-    return MergeConfig(method=args.method, models=tuple(ModelInput(Path(p), m) for p, m in zip(args.inputs, per_model)),
-                       output=args.output, base=args.base, parameters=shared,
-                       dtype=DTYPE_NAMES[args.dtype] if args.dtype else None, **options)
+    return MergeConfig.from_dict({
+        "method": args.method, "models": [{"path": path, "parameters": params} for path, params in zip(args.inputs, per_model)],
+        "output": args.output, "base": args.base, "parameters": shared, **options})
 
 
 def list_methods() -> int:

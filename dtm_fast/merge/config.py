@@ -9,25 +9,30 @@ of {filter, value} conditionals (the first whose filter is a substring of the te
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from dtm_fast.errors import DtmError
+from dtm_fast.io.dtypes import NAME_TO_TAG as DTYPE_NAMES  # user-facing name -> safetensors tag
+from dtm_fast.merge.budget import DEFAULT_MAX_MEMORY  # the one default budget
 from dtm_fast.merge.methods.base import REQUIRED, MergeMethod, Param, TensorParams
 
-DTYPE_NAMES = {
-    "bfloat16": "BF16", "bf16": "BF16", "float16": "F16", "fp16": "F16", "half": "F16",
-    "float32": "F32", "fp32": "F32", "float": "F32",
-}
 LORA_MODES = ("exact-concat", "materialize", "factor-average")
-DEFAULT_MAX_MEMORY = 512 * 1024**2
+BACKENDS = ("auto", "reference", "cpu", "triton")
+BOOLEAN_SETTINGS = ("allow_pickle", "resume", "overwrite", "verify_inputs", "strict")
+INTEGER_SETTINGS = ("seed", "shard_index", "num_shards")
 DEFAULT_MAX_SHARD = 5 * 1000**3
 
 
 def parse_size(text: str | int, what: str) -> int:
     """'512MiB', '5GB', '1.5GiB', '1000000' -> bytes."""
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise DtmError(f"{what}: expected a size such as 512MiB, got {text!r}")
     if isinstance(text, int):
+        if text <= 0:
+            raise DtmError(f"{what}: must be positive, got {text!r}")
         return text
     units = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
              "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4, "k": 1024, "m": 1024**2, "g": 1024**3, "b": 1}
@@ -39,9 +44,12 @@ def parse_size(text: str | int, what: str) -> int:
     else:
         number, scale = cleaned, 1
     try:
-        value = int(float(number) * scale)
+        amount = float(number)
     except ValueError:
-        raise DtmError(f"{what}: cannot read {text!r} as a size (examples: 512MiB, 4GiB, 5GB)") from None
+        amount = math.nan
+    if not math.isfinite(amount) or amount * scale >= 2**62:
+        raise DtmError(f"{what}: cannot read {text!r} as a size (examples: 512MiB, 4GiB, 5GB)")
+    value = int(amount * scale)
     if value <= 0:
         raise DtmError(f"{what}: must be positive, got {text!r}")
     return value
@@ -71,6 +79,8 @@ class MergeConfig:
     overwrite: bool = False
     shard_index: int = 0
     num_shards: int = 1
+    verify_inputs: bool = False  # also hash every input file's content for the resume check and provenance
+    strict: bool = False  # a NaN or infinity in any input stops the merge
     source: str = "command line"  # where the values came from, for error messages
 
     def __post_init__(self):
@@ -106,12 +116,56 @@ class MergeConfig:
                     value = model.parameters.get(param.name, self.parameters.get(param.name, param.default))
                     if value is REQUIRED:
                         raise DtmError(f"{self.source}: model {model.path} needs parameter {param.name!r}")
-                    _walk_values(value, lambda v: _check_value(param, v, f"{self.source}: model {model.path}"))
+                    where = f"{self.source}: model {model.path}"
+                    _walk_values(value, lambda v: _check_value(param, v, where), f"{where}: parameter {param.name!r}")
             else:
                 value = self.parameters.get(param.name, param.default)
                 if value is REQUIRED:
                     raise DtmError(f"{self.source}: {self.method} needs parameter {param.name!r}")
-                _walk_values(value, lambda v: _check_value(param, v, self.source))
+                _walk_values(value, lambda v: _check_value(param, v, self.source),
+                             f"{self.source}: parameter {param.name!r}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "command line") -> "MergeConfig":
+        """The one way a merge configuration is built: from plain values, as the command line, a
+        `dtm run` config or a mergekit YAML gives them. Sizes are parsed here ("2GiB"), types are
+        checked, and every error names the setting. `models` holds paths, or mappings with `path`
+        (or mergekit's `model`) and `parameters`."""
+        allowed = {f.name for f in fields(cls)} - {"source"}
+        unknown = sorted(str(key) for key in values if key not in allowed)
+        if unknown:
+            raise DtmError(f"{source}: unknown merge setting(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+        for required in ("method", "models", "output"):
+            if values.get(required) in (None, "", [], ()):
+                raise DtmError(f"{source}: the merge needs '{required}'")
+        settings: dict[str, Any] = {"source": source}
+        for name, value in values.items():
+            where = f"{source}: {name}"
+            if name in ("method", "backend", "lora_mode"):
+                settings[name] = _text(value, where)
+            elif name in ("output", "base"):
+                settings[name] = None if value is None else Path(_text(value, where)).expanduser()
+            elif name == "models":
+                settings[name] = _models(value, where)
+            elif name == "parameters":
+                if not isinstance(value, Mapping):
+                    raise DtmError(f"{where}: expected a mapping of parameter names to values, got {value!r}")
+                settings[name] = {str(k): v for k, v in value.items()}
+            elif name == "dtype":
+                settings[name] = None if value is None else _dtype_tag(value, where)
+            elif name in ("max_memory", "max_shard_size"):
+                settings[name] = parse_size(value, where)
+            elif name in BOOLEAN_SETTINGS:
+                if not isinstance(value, bool):
+                    raise DtmError(f"{where}: expected true or false, got {value!r}")
+                settings[name] = value
+            elif name in INTEGER_SETTINGS:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise DtmError(f"{where}: expected a whole number, got {value!r}")
+                settings[name] = value
+        if settings.get("backend", "auto") not in BACKENDS:
+            raise DtmError(f"{source}: backend: {settings['backend']!r} is not one of {', '.join(BACKENDS)}")
+        return cls(**settings)
 
     @property
     def method_impl(self) -> MergeMethod:
@@ -139,11 +193,67 @@ class MergeConfig:
         return TensorParams(values, per_model)
 
 
-def _walk_values(value: Any, visit) -> None:
-    """Apply `visit` to every leaf value of a scalar, gradient or list of conditionals."""
+def _text(value: Any, where: str) -> str:
+    if isinstance(value, Path):
+        return str(value)
+    if not isinstance(value, str) or not value:
+        raise DtmError(f"{where}: expected text, got {value!r}")
+    return value
+
+
+def _models(value: Any, where: str) -> tuple[ModelInput, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise DtmError(f"{where}: expected a list of models, got {value!r}")
+    models = []
+    for index, item in enumerate(value):
+        item_where = f"{where}[{index}]"
+        if isinstance(item, Mapping):
+            unknown = set(item) - {"path", "model", "parameters"}
+            if unknown:
+                raise DtmError(f"{item_where}: unknown key(s) {sorted(map(str, unknown))}; give path and parameters")
+            path = item.get("path", item.get("model"))
+            parameters = item.get("parameters") or {}
+            if not isinstance(parameters, Mapping):
+                raise DtmError(f"{item_where}.parameters: expected a mapping, got {parameters!r}")
+            models.append(ModelInput(Path(_text(path, f"{item_where}.path")).expanduser(),
+                                     {str(k): v for k, v in parameters.items()}))
+        else:
+            models.append(ModelInput(Path(_text(item, item_where)).expanduser()))
+    return tuple(models)
+
+
+def _dtype_tag(value: Any, where: str) -> str:
+    from dtm_fast.io.dtypes import OUTPUT_DTYPE_NAMES
+
+    if isinstance(value, str) and value in DTYPE_NAMES:
+        return DTYPE_NAMES[value]
+    if isinstance(value, str) and value in DTYPE_NAMES.values():
+        return value
+    raise DtmError(f"{where}: dtype {value!r} not supported; use {', '.join(OUTPUT_DTYPE_NAMES)}")
+
+
+def _walk_values(value: Any, visit, where: str) -> None:
+    """Apply `visit` to every leaf value of a scalar, gradient or list of conditionals, refusing
+    any other shape (a mapping where a value belongs, a conditional without its value)."""
     if isinstance(value, list):
+        if not value:
+            raise DtmError(f"{where}: an empty list is not a value")
         for item in value:
-            _walk_values(item["value"] if isinstance(item, dict) else item, visit)
+            if isinstance(item, dict):
+                if "value" not in item:
+                    raise DtmError(f"{where}: a conditional entry needs 'value' (and optionally 'filter'), "
+                                   f"got {item!r}")
+                unknown = set(item) - {"filter", "value"}
+                if unknown:
+                    raise DtmError(f"{where}: conditional entry has unsupported key(s) {sorted(map(str, unknown))}")
+                if not isinstance(item.get("filter", ""), (str, type(None))):
+                    raise DtmError(f"{where}: a conditional's 'filter' must be text, got {item['filter']!r}")
+                _walk_values(item["value"], visit, where)
+            else:
+                _walk_values(item, visit, where)
+    elif isinstance(value, dict):
+        raise DtmError(f"{where}: expected a value, a list of values or a list of {{filter, value}} entries, "
+                       f"got a mapping {value!r}")
     else:
         visit(value)
 
@@ -159,6 +269,10 @@ def _coerce(param: Param, value: Any, where: str) -> Any:
         return str(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise DtmError(f"{where}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise DtmError(f"{where}: must be a finite number, got {value!r}")
+    if param.kind is int and value != int(value):
+        raise DtmError(f"{where}: expected a whole number, got {value!r}")
     return param.kind(value)
 
 

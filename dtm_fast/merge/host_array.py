@@ -10,22 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dtm_fast.io.safetensors_format import DTYPE_SIZES
-
-# safetensors dtype name -> torch dtype attribute
-TORCH_DTYPE_ATTRIBUTES = {
-    "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "BOOL": "bool",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8",
-}
-
-
-def torch_dtype(name: str):
-    """The torch dtype of a safetensors dtype name (imports torch)."""
-    import torch
-
-    return getattr(torch, TORCH_DTYPE_ATTRIBUTES[name])
+from dtm_fast.io.dtypes import DTYPE_SIZES, torch_dtype  # noqa: F401 - torch_dtype re-exported
 
 
 class HostArray:

@@ -43,6 +43,18 @@ def kth_largest_key_in_memory(keys: "torch.Tensor", rank: int) -> int:
     return int(torch.sort(keys.reshape(-1), descending=True).values[rank - 1])
 
 
+def sorted_select(stream, ranks_per_model: list[list[int]]) -> list[dict[int, int]]:
+    """The definition of the keys at descending ranks: a full sort of each model's |x - b| keys.
+    Only for a stream that holds whole tensors (the reference); the streaming searches below must
+    give exactly these keys."""
+    (chunk,) = stream.chunks()
+    found = []
+    for model, ranks in zip(chunk.models, ranks_per_model):
+        keys = magnitude_keys(model.float() - chunk.base.float()) if ranks else None
+        found.append({rank: kth_largest_key_in_memory(keys, rank) for rank in ranks})
+    return found
+
+
 def new_histogram() -> np.ndarray:
     """A zeroed 65536-bin count array, as every backend's abs_delta_histogram fills."""
     return np.zeros(BINS, dtype=np.int64)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dtm_fast.errors import DtmError
-from dtm_fast.merge.config import DTYPE_NAMES, MergeConfig, ModelInput
+from dtm_fast.merge.config import MergeConfig
 
 TOP_LEVEL_KEYS = {"models", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "slices"}
 MERGE_ONLY_PARAMETERS = {"int8_mask"}  # mergekit memory options with no effect on the result
@@ -49,7 +49,15 @@ def _models_from_slices(slices: Any, base_config_layers: int | None, where: str)
     unknown = set(slices[0]) - {"sources"}
     if unknown or not isinstance(sources, list) or not sources:
         raise DtmError(f"{where}: slices[0] must hold only 'sources' (found {sorted(slices[0])})")
-    ranges = {tuple(s.get("layer_range", ())) for s in sources if isinstance(s, dict)}
+    for index, source in enumerate(sources):
+        if not isinstance(source, dict):
+            raise DtmError(f"{where}: slices[0].sources[{index}] must be a mapping with 'model', got {source!r}")
+        layer_range = source.get("layer_range", [])
+        if (not isinstance(layer_range, list) or len(layer_range) not in (0, 2)
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in layer_range)):
+            raise DtmError(f"{where}: slices[0].sources[{index}].layer_range must be [first, end] (two whole "
+                           f"numbers), got {layer_range!r}")
+    ranges = {tuple(s.get("layer_range", ())) for s in sources}
     if len(ranges) != 1:
         raise DtmError(f"{where}: every source of the slice must use the same layer_range")
     (layer_range,) = ranges
@@ -68,20 +76,13 @@ def _models_from_slices(slices: Any, base_config_layers: int | None, where: str)
 def load_mergekit_yaml(path: Path, output: Path, **options) -> MergeConfig:
     """Build a MergeConfig from a mergekit YAML file; `options` are the CLI's run options
     (max_memory, backend, resume, ...)."""
-    import json
+    from dtm_fast.io.text_files import load_yaml
 
-    import yaml
-
-    try:
-        document = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise DtmError(f"{path}{line}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    document = load_yaml(path, "mergekit config")
     if not isinstance(document, dict):
         raise DtmError(f"{path}: expected a mapping at the top level")
     where = str(path)
-    unknown = sorted(set(document) - TOP_LEVEL_KEYS)
+    unknown = sorted(str(key) for key in set(document) - TOP_LEVEL_KEYS)
     if unknown:
         raise DtmError(f"{where}: mergekit option(s) {', '.join(unknown)} not supported by dtm merge; remove them "
                        "(they would change the result, so they are not ignored)")
@@ -98,7 +99,9 @@ def load_mergekit_yaml(path: Path, output: Path, **options) -> MergeConfig:
     if "slices" in document:
         layers = None
         if base is not None and (base / "config.json").is_file():
-            layers = json.loads((base / "config.json").read_text()).get("num_hidden_layers")
+            from dtm_fast.io.checkpoint import load_json_object
+
+            layers = load_json_object(base / "config.json").get("num_hidden_layers")
         raw_models = _models_from_slices(document["slices"], layers, where)
     else:
         raw_models = document.get("models")
@@ -118,15 +121,10 @@ def load_mergekit_yaml(path: Path, output: Path, **options) -> MergeConfig:
             if parameters and method not in ("slerp",):
                 raise DtmError(f"{item_where}: parameters given for the base model are not used by {method}")
             continue  # mergekit lists the base among the models; it is the base here
-        models.append(ModelInput(model_path, parameters))
-    out_dtype = document.get("out_dtype") or document.get("dtype")
-    dtype = None
-    if out_dtype is not None:
-        if out_dtype not in DTYPE_NAMES:
-            raise DtmError(f"{where}: dtype {out_dtype!r} not supported; use bfloat16, float16 or float32")
-        dtype = DTYPE_NAMES[out_dtype]
+        models.append({"path": model_path, "parameters": parameters})
     parameters = _strip_merge_only(document.get("parameters") or {}, where)
     if method in ("dare_linear", "dare_ties") and "rescale" not in parameters:
         parameters["rescale"] = "l1"  # mergekit's default for DARE: match each delta's L1 norm
-    return MergeConfig(method=method, models=tuple(models), output=output, base=base, parameters=parameters,
-                       dtype=dtype, source=where, **options)
+    values = {"method": method, "models": models, "output": output, "base": base, "parameters": parameters,
+              "dtype": document.get("out_dtype") or document.get("dtype")}
+    return MergeConfig.from_dict({**values, **options}, source=where)

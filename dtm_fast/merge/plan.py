@@ -6,19 +6,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 from dtm_fast.errors import DtmError
 from dtm_fast.io.checkpoint import Checkpoint
-from dtm_fast.io.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, TensorEntry, encode_header
+from dtm_fast.io.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, Shaped, TensorEntry, encode_header
 
 EMBEDDING_HINT = re.compile(r"(embed_tokens|wte|word_embeddings|lm_head|embed_out|output)\.weight$")
 LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
 @dataclass(frozen=True)
-class PlannedTensor:
+class PlannedTensor(Shaped):
     name: str
     shape: tuple[int, ...]
     out_dtype: str
@@ -26,13 +25,6 @@ class PlannedTensor:
     shard: int
     offset: int  # absolute offset in the shard file
     layer_index: int | None
-
-    @property
-    def numel(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count
 
     @property
     def nbytes(self) -> int:
@@ -123,14 +115,3 @@ def plan_output(reference: Checkpoint, out_dtype: str | None, max_shard_bytes: i
         size = len(header) + (offsets[-1][1] if offsets else 0)
         shards.append(PlannedShard(filename, header, size, tensors))
     return OutputPlan(tuple(shards), max(layers) + 1 if layers else None)
-
-
-def check_output_path(output: Path, inputs: Sequence[Path]) -> None:
-    """Refuse an output that is, or is inside, or contains an input: inputs are never written."""
-    target = output.resolve()
-    for source in inputs:
-        source = source.resolve()
-        inside_input = source.is_dir() and target.is_relative_to(source)
-        if target == source or inside_input or source.is_relative_to(target):
-            raise DtmError(f"output {output} is, or is inside, or contains the input {source}; "
-                           "choose an output directory outside every input")

@@ -27,40 +27,16 @@ from __future__ import annotations
 import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import replace
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from dtm_fast.io.output import start_writeback
 from dtm_fast.errors import DtmError
 from dtm_fast.io.safetensors_format import DTYPE_SIZES, TensorEntry, read_exact, write_exact
-from dtm_fast.merge.methods.base import TensorContext
-
-
-@dataclass
-class Chunk:
-    start: int  # flat index of the first element
-    count: int
-    base: Any | None  # typed views of the inputs, as the backend takes them
-    models: list
-    fishers: list
-    inputs_raw: list[np.ndarray] = field(default_factory=list)  # the same inputs' bytes, base first
-    out: Any | None = None
-    out_raw: np.ndarray | None = None
-    mapped: list[tuple[mmap.mmap, int, int]] = field(default_factory=list)  # (map, start, length) held in memory
-
-    def release(self) -> None:
-        """Drop mapped input pages from this process (they stay in the page cache). The range is
-        widened by the kernel's fault-around window on both sides: populating a range also maps up
-        to that much of its neighbours, which would otherwise stay mapped (and counted) until the
-        merge ends. A neighbouring chunk still in use just faults those few pages in again."""
-        for mapping, start, length in self.mapped:
-            if not mapping.closed:
-                first = max(0, start - FAULT_AROUND_BYTES)
-                last = min(len(mapping), start + length + FAULT_AROUND_BYTES)
-                mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
-        self.mapped = []
+from dtm_fast.merge.chunk import Chunk, TensorContext
+from dtm_fast.merge.nonfinite import NonFiniteCounts
 
 
 class Buffers:
@@ -92,7 +68,6 @@ class Buffers:
 
 
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; Python names it from 3.13
-FAULT_AROUND_BYTES = 2 << 20  # a PMD: the largest page-cache folio a fault maps whole (fault-around is 64 KiB)
 
 
 class FileCache:
@@ -148,8 +123,9 @@ class ChunkIO:
     their writes running behind. Not thread-safe: one consumer (the merge loop) drives it."""
 
     def __init__(self, buffers: Buffers, files: FileCache, reader: ThreadPoolExecutor, writer: ThreadPoolExecutor,
-                 on_written: Callable[[int], None], mapped: bool = False):
+                 on_written: Callable[[int], None], mapped: bool = False, nonfinite: NonFiniteCounts | None = None):
         self.buffers = buffers
+        self.nonfinite = nonfinite if nonfinite is not None else NonFiniteCounts(strict=False)
         self.mapped = mapped  # inputs are views of the mapped files, not copies in buffers
         self.files = files
         self.reader = reader
@@ -233,6 +209,8 @@ class ChunkIO:
 class TensorStream:
     """The chunks of one tensor across all inputs, for a method's statistics and combine passes."""
 
+    holds_whole_tensor = False  # see in_memory.WholeTensorStream
+
     def __init__(self, context: TensorContext, backend, base: TensorEntry | None, models: Sequence[TensorEntry],
                  fishers: Sequence[TensorEntry], io: ChunkIO, chunk_elements: int, out_dtype: str,
                  out_fd: int | None, out_offset: int):
@@ -277,6 +255,7 @@ class TensorStream:
             else:
                 raw = self.buffers.inputs[slot][index][: count * size]
                 read_exact(self.files.fd(entry.path), memoryview(raw), entry.offset + start * size, entry.path)
+            self.io.nonfinite.check(id(self), self.context.name, str(entry.path), start, raw, entry.dtype)
             raws.append(raw)
             views.append(self.view(raw, entry.dtype))
         base = views.pop(0) if self.base_entry is not None else None

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dtm_fast.merge import rng
-from dtm_fast.merge.backends import cpu
+from dtm_fast.merge.backends import cpu, native
 from dtm_fast.merge.backends.reference import NO_UPPER_KEY, GtaSpec, ReferenceBackend, Sparsify
 
 from .conftest import assert_identical, make_inputs
@@ -143,11 +143,11 @@ def test_results_do_not_depend_on_thread_count():
 
 @pytest.fixture
 def library_missing(monkeypatch, tmp_path):
-    """cpu.py sees no library anywhere; its cached answer is restored afterwards."""
-    monkeypatch.setattr(cpu, "_candidate_paths", lambda: [tmp_path / "nowhere" / cpu.LIBRARY_NAME])
-    monkeypatch.setattr(cpu, "_looked", False)
-    monkeypatch.setattr(cpu, "_library", None)
-    monkeypatch.setattr(cpu, "_problem", None)
+    """native.py sees no library anywhere; its cached answer is restored afterwards."""
+    monkeypatch.setattr(native, "_candidate_paths", lambda: [tmp_path / "nowhere" / native.LIBRARY_NAME])
+    monkeypatch.setattr(native, "_looked", False)
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_problem", None)
     import dtm_fast.merge.backends.triton_backend as triton_backend
 
     monkeypatch.setattr(triton_backend, "unavailable_reason", lambda: "no CUDA in this test")
@@ -177,8 +177,8 @@ def test_missing_library_falls_back_to_reference(library_missing, caplog):
 def test_stale_library_is_rejected(monkeypatch):
     if cpu.unavailable_reason() is not None:
         pytest.skip("native kernels not built")
-    monkeypatch.setattr(cpu, "ABI_VERSION", cpu.ABI_VERSION + 100)
-    monkeypatch.setattr(cpu, "_looked", False)
-    monkeypatch.setattr(cpu, "_library", None)
-    monkeypatch.setattr(cpu, "_problem", None)
+    monkeypatch.setattr(native, "ABI_VERSION", native.ABI_VERSION + 100)
+    monkeypatch.setattr(native, "_looked", False)
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_problem", None)
     assert "ABI version" in cpu.unavailable_reason()

@@ -181,3 +181,22 @@ def test_reference_philox_words_are_the_known_answer():
 
     zero = torch.zeros(1, dtype=torch.int64)
     assert [int(w) for w in rng.philox4x32((zero, zero, zero, zero), (0, 0))] == list(KAT_WORDS)
+
+
+@pytest.mark.parametrize("count", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_count_nonfinite_matches_a_hand_count(backend, count, dtype):
+    """NaN, +inf and -inf are counted; the largest finite value and subnormals are not."""
+    generator = torch.Generator().manual_seed(count)
+    data = torch.randn(count, generator=generator).to(dtype)
+    planted = 0
+    if count >= 7:
+        data[0], data[1], data[2] = float("nan"), float("inf"), float("-inf")
+        data[3], data[4] = torch.finfo(dtype).max, torch.finfo(dtype).tiny / 4
+        planted = 3
+    if count > 4000:
+        data[2049], data[4000] = float("nan"), float("-inf")  # in the tiles of other threads
+        planted += 2
+    assert backend.count_nonfinite(data) == planted
+    assert reference.count_nonfinite(data) == planted
+    assert "count_nonfinite" in backend.accelerated

@@ -130,3 +130,51 @@ def peak_above_baseline(script: str, *args: object) -> int:
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])["above_baseline"]
+
+
+# -- LoRA adapters of a tiny Llama (tests/merge/test_lora*.py) ----------------------------------------
+PROMPT = torch.tensor([[1, 5, 9, 42, 7, 99, 3, 150]])
+ATTENTION_AND_MLP = ["q_proj", "v_proj", "gate_proj", "down_proj"]
+# name -> (r, lora_alpha, use_rslora, target modules, seed)
+ADAPTERS = {
+    "a0": (4, 8, False, ATTENTION_AND_MLP, 10),
+    "a1": (4, 8, False, ATTENTION_AND_MLP, 11),
+    "a2": (8, 4, True, ATTENTION_AND_MLP, 12),  # another rank, alpha and rslora
+    "a3": (2, 4, False, ["k_proj", "up_proj"], 13),  # other modules
+}
+
+
+@pytest.fixture(scope="session")
+def lora_family(tmp_path_factory):
+    """A fp32 tiny Llama base directory and peft adapter directories trained 'on' it, with random
+    non-zero lora_B (peft initialises B to zero, which would make every test pass trivially)."""
+    import copy
+
+    import peft
+    import transformers
+
+    root = tmp_path_factory.mktemp("lora")
+    torch.manual_seed(4321)
+    config = tiny_llama_config()
+    base_model = transformers.LlamaForCausalLM(config).eval()
+    paths = {"base": save_llama(root / "base", base_model.state_dict(), config, torch.float32, shard="1GB"),
+             "base_bf16": save_llama(root / "base-bf16", base_model.state_dict(), config, torch.bfloat16)}
+    for name, (rank, alpha, rslora, targets, seed) in ADAPTERS.items():
+        lora = peft.LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rslora, target_modules=targets,
+                               lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        model = peft.get_peft_model(copy.deepcopy(base_model), lora)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for key, parameter in model.named_parameters():
+                if "lora_" in key:  # A re-drawn too, so adapters differ in both factors
+                    parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+        model.save_pretrained(root / name)
+        paths[name] = root / name
+    return paths
+
+
+def merge(paths, names, out, *options) -> int:
+    from dtm_fast.cli import main as dtm
+
+    return dtm(["merge", "--base", str(paths["base"]), *(str(paths[n]) for n in names), "-o", str(out),
+                "--backend", "reference", "--quiet", *options])

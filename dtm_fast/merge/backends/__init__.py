@@ -1,8 +1,10 @@
 """Compute backends for the merger's chunk operations.
 
-`reference` (plain torch, fp32) is the definition; `cpu` (libdtm_kernels: C++, OpenMP) and
-`triton` (CUDA) override it operation by operation and are tested against it.
-auto: triton when CUDA and triton are usable, else cpu when the native library loads, else reference.
+`reference` (plain torch, fp32) is the definition and the base class; `cpu` (libdtm_kernels: C++,
+OpenMP) and `triton` (CUDA) override it operation by operation and are tested against it.
+auto: triton when a GPU is present and triton is usable, else cpu when the native library loads,
+else reference. Whether a GPU is present is decided from the device files, without importing torch
+(2-4 s of start-up), so a merge on a machine without a GPU never pays for torch.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from dtm_fast.errors import DtmError
+from dtm_fast.merge.backends.devices import gpu_may_be_present, interpreting
 
 log = logging.getLogger(__name__)
 BACKEND_NAMES = ("auto", "reference", "cpu", "triton")
@@ -23,7 +26,7 @@ def select_backend(name: str = "auto"):
         from dtm_fast.merge.backends.reference import ReferenceBackend
 
         return ReferenceBackend()
-    if name in ("auto", "triton"):
+    if name == "triton" or (name == "auto" and (interpreting() or gpu_may_be_present())):
         from dtm_fast.merge.backends import triton_backend
 
         problem = triton_backend.unavailable_reason()
@@ -31,11 +34,14 @@ def select_backend(name: str = "auto"):
             return triton_backend.TritonBackend()
         if name == "triton":
             raise DtmError(f"--backend triton cannot run here: {problem}")
-    from dtm_fast.merge.backends import cpu
+        log.info("GPU backend unavailable (%s); using the cpu backend", problem)
+    from dtm_fast.merge.backends import native
 
-    problem = cpu.unavailable_reason()
+    problem = native.unavailable_reason()
     if problem is None:
-        return cpu.CpuBackend()
+        from dtm_fast.merge.backends.cpu import CpuBackend
+
+        return CpuBackend()
     if name == "cpu":
         raise DtmError(f"--backend cpu cannot run here: {problem}")
     log.warning("native kernels unavailable (%s); using the reference backend, which is slower", problem)

@@ -1,57 +1,61 @@
-"""The reference backend: every chunk operation of the merger in plain torch, fp32.
+"""The reference backend: every chunk operation of the merger in plain torch, fp32. It is the base
+class of every backend and the specification of every operation: `CpuBackend` and `TritonBackend`
+derive from it, override the operations they accelerate and inherit the rest.
 
-These functions are the specification the C++ and Triton kernels are tested against. Chunk inputs
-are 1-D tensors (a contiguous range of one tensor's elements) in their stored dtype; `out` is a 1-D
-tensor in the output dtype that receives the result rounded to nearest-even. Reductions (norms, dot
-products, L1 sums) accumulate in float64 so that their value does not depend on chunking.
+Chunk inputs are 1-D tensors (a contiguous range of one tensor's elements) in their stored dtype;
+`out` is a 1-D tensor in the output dtype that receives the result rounded to nearest-even.
+Reductions (norms, dot products, L1 sums) accumulate in float64 so that their value does not depend
+on chunking. torch is imported inside each operation, not here: the cpu backend derives from this
+class, and a native merge never imports torch (seconds of start-up on small machines).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-import torch
-
-from dtm_fast.merge import rng
-from dtm_fast.merge.host_array import torch_dtype
-from dtm_fast.merge.magnitude import BINS, magnitude_keys
 from dtm_fast.merge.specs import NO_UPPER_KEY, GtaSpec, Sparsify  # noqa: F401 - NO_UPPER_KEY re-exported
 
 if TYPE_CHECKING:
     import numpy
+    import torch
 
-
-def keep_mask(delta: torch.Tensor, rule: Sparsify, start: int) -> torch.Tensor | None:
-    """Boolean mask of kept deltas, or None when everything is kept."""
-    if rule.kind == "none":
-        return None
-    if rule.kind == "band":
-        keys = magnitude_keys(delta)
-        return (keys >= rule.low_key) & (keys <= rule.high_key)
-    if rule.kind == "random":
-        return rng.keep_mask(rule.philox_key, start, delta.numel(), rule.threshold)
-    raise ValueError(f"unknown sparsification {rule.kind!r}")
+SLERP_DOT_THRESHOLD = 0.9995
+SLERP_EPS = 1e-8
 
 
 class ReferenceBackend:
-    name = "reference"
+    """Capabilities are class attributes, read by the engine (never probed with getattr)."""
 
-    def view(self, raw: "numpy.ndarray", dtype: str) -> torch.Tensor:
-        """A chunk's bytes as the tensor this backend computes on (shares the memory)."""
-        return torch.from_numpy(raw).view(torch_dtype(dtype))
+    name = "reference"
+    reads_mapped = False  # chunks may be views of the memory-mapped inputs instead of copies in buffers
+    wants_pinned_buffers = False  # the engine's buffers are page-locked (for asynchronous device copies)
+    accelerated: frozenset[str] = frozenset()  # chunk operations run by this backend's own kernels
+
+    def view(self, raw: "numpy.ndarray", dtype: str):
+        """A chunk's bytes as the array this backend computes on (shares the memory)."""
+        from dtm_fast.merge.host_array import HostArray
+
+        return HostArray(raw, dtype).torch()
 
     def workspace_bytes_per_element(self, num_inputs: int) -> int:
         # fp32 copies of every input, the stacked deltas and masks, plus Philox's int64 temporaries
         return 4 * (2 * num_inputs + 6) + 80
 
-    def linear(self, out: torch.Tensor, models: Sequence[torch.Tensor], coefficients: Sequence[float]) -> None:
-        accumulator = torch.zeros(out.shape, dtype=torch.float32)
+    # -- combines ------------------------------------------------------------------------------------
+    def linear(self, out: "torch.Tensor", models: Sequence["torch.Tensor"], coefficients: Sequence[float]) -> None:
+        """out = sum_i coefficients[i] * models[i]"""
+        import torch
+
+        accumulator = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
         for model, coefficient in zip(models, coefficients):
             accumulator += model.float() * coefficient
         out.copy_(accumulator)
 
-    def gta(self, out: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor], spec: GtaSpec,
+    def gta(self, out: "torch.Tensor", base: "torch.Tensor", models: Sequence["torch.Tensor"], spec: GtaSpec,
             start: int) -> None:
+        """Generalised task arithmetic (methods/gta.py): y = b + lambda * combine_i(w_i sparsify_i(x_i - b))."""
+        import torch
+
         base32 = base.float()
         weighted = []
         for model, weight, rule in zip(models, spec.weights, spec.sparsify):
@@ -61,7 +65,7 @@ class ReferenceBackend:
                 delta = torch.where(mask, delta * rule.scale, torch.zeros_like(delta))
             weighted.append(delta * weight)
         stacked = torch.stack(weighted)  # (models, elements)
-        weights = torch.tensor(spec.weights, dtype=torch.float32).unsqueeze(1)
+        weights = torch.tensor(spec.weights, dtype=torch.float32, device=out.device).unsqueeze(1)
         if spec.consensus is not None:
             positive, negative = stacked > 0, stacked < 0
             if spec.consensus == "sum":
@@ -80,56 +84,36 @@ class ReferenceBackend:
             mixed = mixed / divisor
         out.copy_(base32 + mixed * spec.lambda_)
 
-    def abs_delta_histogram(self, base: torch.Tensor, model: torch.Tensor, histogram: torch.Tensor,
-                            bucket: int | None) -> None:
-        """Adds to `histogram` (int64[65536]) the high 16 bits of every |x - b| key, or, with
-        `bucket`, the low 16 bits of the keys whose high bits equal it."""
-        keys = magnitude_keys(model.float() - base.float())
-        histogram = torch.as_tensor(histogram)  # numpy histograms are updated in place too
-        if bucket is None:
-            histogram += torch.bincount(keys >> 16, minlength=BINS)
-        else:
-            selected = keys[(keys >> 16) == bucket]
-            histogram += torch.bincount(selected & 0xFFFF, minlength=BINS)
-
-    def abs_delta_select(self, base: torch.Tensor, models: Sequence[torch.Tensor], ranges: Sequence[tuple[int, int]],
-                         collected: Sequence["numpy.ndarray"]) -> list[tuple[int, int]]:
-        """For each search i over models[i]: (how many |x - b| keys lie above ranges[i]'s high key,
-        how many within ranges[i], bounds included); the keys within go into collected[i] (uint32,
-        in any order), as many as fit."""
-        results = []
-        for model, (low, high), target in zip(models, ranges, collected):
-            keys = magnitude_keys(model.float() - base.float())
-            selected = keys[(keys >= low) & (keys <= high)]
-            room = min(len(target), selected.numel())
-            target[:room] = selected[:room].numpy()
-            results.append((int((keys > high).sum()), selected.numel()))
-        return results
-
-    def masked_l1(self, base: torch.Tensor, model: torch.Tensor, rule: Sparsify, start: int) -> tuple[float, float]:
-        """(sum |d|, sum of |d| over kept elements) for mergekit's L1 rescale."""
-        delta = (model.float() - base.float()).abs().double()
-        mask = keep_mask(delta, rule, start)
-        kept = delta if mask is None else torch.where(mask, delta, torch.zeros_like(delta))
-        return float(delta.sum()), float(kept.sum())
-
-    def delta_gram(self, base: torch.Tensor, models: Sequence[torch.Tensor]) -> "numpy.ndarray":
-        """(models, models) float64 numpy matrix of dot products of the deltas x_i - b."""
-        deltas = torch.stack([(model.float() - base.float()).double() for model in models])
-        return (deltas @ deltas.T).numpy()
-
-    def model_stock_combine(self, out: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor],
+    def model_stock_combine(self, out: "torch.Tensor", base: "torch.Tensor", models: Sequence["torch.Tensor"],
                             ratio: float) -> None:
         """y = ratio * mean_i(x_i) + (1 - ratio) * b."""
-        average = torch.zeros(out.shape, dtype=torch.float32)
+        import torch
+
+        average = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
         for model in models:
             average += model.float()
         average /= len(models)
         out.copy_(average * ratio + base.float() * (1 - ratio))
 
-    def model_stock_rows(self, out: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor],
+    def fisher(self, out: "torch.Tensor", models: Sequence["torch.Tensor"], fishers: Sequence["torch.Tensor"],
+               weights: Sequence[float], epsilon: float) -> None:
+        """y = sum_i w_i (F_i + eps) x_i / sum_i w_i (F_i + eps)."""
+        import torch
+
+        numerator = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+        denominator = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+        for model, fisher, weight in zip(models, fishers, weights):
+            importance = (fisher.float() + epsilon) * weight
+            numerator += importance * model.float()
+            denominator += importance
+        out.copy_(numerator / denominator)
+
+    # -- per-row operations --------------------------------------------------------------------------
+    def model_stock_rows(self, out: "torch.Tensor", base: "torch.Tensor", models: Sequence["torch.Tensor"],
                          row_length: int) -> None:
-        """Model stock with one interpolation ratio per leading-axis row (filter_wise)."""
+        """Model stock with one interpolation ratio per row of `row_length` elements (filter_wise)."""
+        import torch
+
         rows = out.numel() // row_length
         base_rows = base.float().reshape(rows, row_length)
         deltas = torch.stack([model.float().reshape(rows, row_length) - base_rows for model in models]).double()
@@ -138,38 +122,98 @@ class ReferenceBackend:
         ratio32 = ratio.float().unsqueeze(1)
         out.copy_((average * ratio32 + base_rows * (1 - ratio32)).reshape(-1))
 
-    def slerp_rows(self, out: torch.Tensor, first: torch.Tensor, second: torch.Tensor, row_length: int,
+    def slerp_rows(self, out: "torch.Tensor", first: "torch.Tensor", second: "torch.Tensor", row_length: int,
                    t: float) -> None:
+        """Per-row SLERP from `first` (t = 0) to `second` (t = 1)."""
         rows = out.numel() // row_length
         a = first.float().reshape(rows, row_length)
         b = second.float().reshape(rows, row_length)
         coef_a, coef_b = slerp_coefficients(a.double(), b.double(), t)
         out.copy_((a * coef_a.float().unsqueeze(1) + b * coef_b.float().unsqueeze(1)).reshape(-1))
 
-    def fisher(self, out: torch.Tensor, models: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor],
-               weights: Sequence[float], epsilon: float) -> None:
-        numerator = torch.zeros(out.shape, dtype=torch.float32)
-        denominator = torch.zeros(out.shape, dtype=torch.float32)
-        for model, fisher, weight in zip(models, fishers, weights):
-            importance = (fisher.float() + epsilon) * weight
-            numerator += importance * model.float()
-            denominator += importance
-        out.copy_(numerator / denominator)
+    # -- statistics ----------------------------------------------------------------------------------
+    def abs_delta_histogram(self, base: "torch.Tensor", model: "torch.Tensor", histogram, bucket: int | None) -> None:
+        """Adds to `histogram` (int64[65536]) the high 16 bits of every |x - b| key, or, with
+        `bucket`, the low 16 bits of the keys whose high bits equal it."""
+        import torch
+
+        from dtm_fast.merge.magnitude import BINS, magnitude_keys
+
+        keys = magnitude_keys(model.float() - base.float())
+        histogram = torch.as_tensor(histogram)  # numpy histograms are updated in place too
+        if bucket is None:
+            histogram += torch.bincount(keys >> 16, minlength=BINS).to(histogram.device)
+        else:
+            selected = keys[(keys >> 16) == bucket]
+            histogram += torch.bincount(selected & 0xFFFF, minlength=BINS).to(histogram.device)
+
+    def abs_delta_select(self, base: "torch.Tensor", models: Sequence["torch.Tensor"],
+                         ranges: Sequence[tuple[int, int]], collected: Sequence["numpy.ndarray"]) -> list[tuple[int, int]]:
+        """For each search i over models[i]: (how many |x - b| keys lie above ranges[i]'s high key,
+        how many within ranges[i], bounds included); the keys within go into collected[i] (uint32,
+        in any order), as many as fit."""
+        from dtm_fast.merge.magnitude import magnitude_keys
+
+        results = []
+        for model, (low, high), target in zip(models, ranges, collected):
+            keys = magnitude_keys(model.float() - base.float())
+            selected = keys[(keys >= low) & (keys <= high)]
+            room = min(len(target), selected.numel())
+            target[:room] = selected[:room].cpu().numpy()
+            results.append((int((keys > high).sum()), selected.numel()))
+        return results
+
+    def masked_l1(self, base: "torch.Tensor", model: "torch.Tensor", rule: Sparsify, start: int) -> tuple[float, float]:
+        """(sum |d|, sum of |d| over kept elements) for mergekit's L1 rescale."""
+        import torch
+
+        delta = (model.float() - base.float()).abs().double()
+        mask = keep_mask(delta, rule, start)
+        kept = delta if mask is None else torch.where(mask, delta, torch.zeros_like(delta))
+        return float(delta.sum()), float(kept.sum())
+
+    def delta_gram(self, base: "torch.Tensor", models: Sequence["torch.Tensor"]) -> "numpy.ndarray":
+        """(models, models) float64 numpy matrix of dot products of the deltas x_i - b."""
+        import torch
+
+        deltas = torch.stack([(model.float() - base.float()).double() for model in models])
+        return (deltas @ deltas.T).cpu().numpy()
+
+    def count_nonfinite(self, data: "torch.Tensor") -> int:
+        """How many elements are NaN or +-inf (an input's bad values, reported by the merge)."""
+        import torch
+
+        if not data.dtype.is_floating_point:
+            return 0
+        return int(data.numel() - torch.isfinite(data).sum())
 
 
-SLERP_DOT_THRESHOLD = 0.9995
-SLERP_EPS = 1e-8
+def keep_mask(delta: "torch.Tensor", rule: Sparsify, start: int) -> "torch.Tensor | None":
+    """Boolean mask of kept deltas, or None when everything is kept."""
+    from dtm_fast.merge import rng
+    from dtm_fast.merge.magnitude import magnitude_keys
+
+    if rule.kind == "none":
+        return None
+    if rule.kind == "band":
+        keys = magnitude_keys(delta)
+        return (keys >= rule.low_key) & (keys <= rule.high_key)
+    if rule.kind == "random":
+        return rng.keep_mask(rule.philox_key, start, delta.numel(), rule.threshold).to(delta.device)
+    raise ValueError(f"unknown sparsification {rule.kind!r}")
 
 
-def slerp_coefficients(a: torch.Tensor, b: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+def slerp_coefficients(a: "torch.Tensor", b: "torch.Tensor", t: float) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Per-row SLERP coefficients for rows of a and b (float64)."""
     return slerp_coefficients_from_products((a * a).sum(1), (b * b).sum(1), (a * b).sum(1), t)
 
 
-def slerp_coefficients_from_products(norm_sq_a: torch.Tensor, norm_sq_b: torch.Tensor, dot_ab: torch.Tensor,
-                                     t: float) -> tuple[torch.Tensor, torch.Tensor]:
+def slerp_coefficients_from_products(norm_sq_a: "torch.Tensor", norm_sq_b: "torch.Tensor", dot_ab: "torch.Tensor",
+                                     t: float) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Per-row SLERP coefficients from each row's float64 |a|^2, |b|^2 and a.b (what kernels reduce):
     nearly collinear rows interpolate linearly, as mergekit does."""
+    import torch
+
     norm_a = torch.sqrt(norm_sq_a)
     norm_b = torch.sqrt(norm_sq_b)
     norm_a = torch.where(norm_a > SLERP_EPS, norm_a, torch.ones_like(norm_a))
@@ -184,9 +228,11 @@ def slerp_coefficients_from_products(norm_sq_a: torch.Tensor, norm_sq_b: torch.T
     return coef_a, coef_b
 
 
-def model_stock_ratio(gram: torch.Tensor) -> torch.Tensor:
+def model_stock_ratio(gram: "torch.Tensor") -> "torch.Tensor":
     """Model Stock's interpolation ratio t = K cos / (1 + (K-1) cos), cos = mean pairwise cosine of
     the deltas, from their Gram matrix (..., K, K); 0 where the denominator vanishes."""
+    import torch
+
     count = gram.shape[-1]
     norms = torch.sqrt(torch.diagonal(gram, dim1=-2, dim2=-1).clamp(min=0))  # (..., K)
     cosines = []

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from dtm_fast.errors import DtmError
+from dtm_fast.merge.backends.devices import interpreting
 from dtm_fast.merge.backends.reference import (
     GtaSpec, ReferenceBackend, Sparsify, model_stock_ratio, slerp_coefficients_from_products,
 )
@@ -36,10 +36,6 @@ CAPACITY_STEP = 1 << 16  # device buffers grow in these steps, so a short last c
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # index = the kernels' dtype code
 SPARSIFY_CODES = {"none": 0, "band": 1, "random": 2}
 CONSENSUS_CODES = {None: 0, "sum": 1, "count": 2}
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def unavailable_reason() -> str | None:
@@ -89,10 +85,13 @@ class _DeviceBuffers:
         return self._tensors[role]
 
 
-class TritonBackend:
+class TritonBackend(ReferenceBackend):
+    """Chunks arrive as torch views of the (pinned) host buffers: the inherited `view`."""
+
     name = "triton"
     wants_pinned_buffers = True  # cleared under the interpreter, where nothing is copied to a GPU
-    view = ReferenceBackend.view  # chunks arrive as torch views of the (pinned) host buffers
+    accelerated = frozenset({"linear", "gta", "model_stock_combine", "model_stock_rows", "slerp_rows", "fisher",
+                             "abs_delta_histogram", "abs_delta_select", "masked_l1", "delta_gram"})
 
     def __init__(self, device: str | torch.device | None = None):
         from dtm_fast.merge.backends import triton_kernels  # imports triton: only once the backend is used
@@ -120,6 +119,12 @@ class TritonBackend:
         # FMA contraction off: the reference rounds every product and sum separately
         kernel[grid](*args, enable_fp_fusion=False, **constexprs)
 
+    def _run_elementwise(self, out: torch.Tensor, work) -> None:
+        """Run work(count) for an operation that fills `out` (nothing to do for an empty chunk)."""
+        count = out.numel()
+        if count:
+            self._run(lambda: work(count))
+
     def _run(self, work):
         """Run `work()` (copies in, kernels, copies out) on the backend's stream and wait for it."""
         if not self.on_cuda:
@@ -143,6 +148,12 @@ class TritonBackend:
                 raise ValueError(f"chunk inputs differ in length: {tensor.numel()} != {count}")
             buffer[row, :count].copy_(tensor, non_blocking=True)
         return kernel_view(buffer), dtype_code(dtype)
+
+    def _stage_base_models(self, base: torch.Tensor, models: Sequence[torch.Tensor], count: int):
+        """(base buffer, its dtype code, models buffer, their dtype code) on the device."""
+        staged_base, base_kind = self._stage("base", [base], count)
+        staged, model_kind = self._stage("models", models, count)
+        return staged_base, base_kind, staged, model_kind
 
     def _output(self, out: torch.Tensor) -> tuple[torch.Tensor, int]:
         dtype = out.dtype if dtype_code(out.dtype) is not None else torch.float32
@@ -170,11 +181,8 @@ class TritonBackend:
 
     # -- combines --------------------------------------------------------------------------------------
     def linear(self, out: torch.Tensor, models: Sequence[torch.Tensor], coefficients: Sequence[float]) -> None:
-        count = out.numel()
-        if count == 0:
-            return
 
-        def work():
+        def work(count: int) -> None:
             staged, model_kind = self._stage("models", models, count)
             result, out_kind = self._output(out)
             coefficient_tensor = self._parameter_tensor([float(c) for c in coefficients], torch.float32)
@@ -183,13 +191,10 @@ class TritonBackend:
                          K=len(models), MODEL_KIND=model_kind, OUT_KIND=out_kind, BLOCK=BLOCK)
             self._finish(out, result)
 
-        self._run(work)
+        self._run_elementwise(out, work)
 
     def gta(self, out: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor], spec: GtaSpec,
             start: int) -> None:
-        count = out.numel()
-        if count == 0:
-            return
         if spec.consensus not in CONSENSUS_CODES:
             raise ValueError(f"unknown consensus {spec.consensus!r}")
         kinds = 0
@@ -201,9 +206,8 @@ class TritonBackend:
         divisor = 1.0 if abs(total) < 1e-8 else total
         float_params = [*spec.weights, *(rule.scale for rule in spec.sparsify), spec.lambda_, divisor]
 
-        def work():
-            staged_base, base_kind = self._stage("base", [base], count)
-            staged, model_kind = self._stage("models", models, count)
+        def work(count: int) -> None:
+            staged_base, base_kind, staged, model_kind = self._stage_base_models(base, models, count)
             result, out_kind = self._output(out)
             self._launch(self.kernels.gta_kernel, self._grid(count), kernel_view(result), staged_base, staged,
                          staged.stride(0), self._rule_parameters(spec.sparsify),
@@ -213,7 +217,7 @@ class TritonBackend:
                          OUT_KIND=out_kind, BLOCK=BLOCK)
             self._finish(out, result)
 
-        self._run(work)
+        self._run_elementwise(out, work)
 
     def _rule_parameters(self, rules: Sequence[Sparsify]) -> torch.Tensor:
         values = []
@@ -223,35 +227,27 @@ class TritonBackend:
 
     def model_stock_combine(self, out: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor],
                             ratio: float) -> None:
-        count = out.numel()
-        if count == 0:
-            return
 
-        def work():
-            staged_base, base_kind = self._stage("base", [base], count)
-            staged, model_kind = self._stage("models", models, count)
+        def work(count: int) -> None:
+            staged_base, base_kind, staged, model_kind = self._stage_base_models(base, models, count)
             # fp32 t, and fp32 (1 - t) rounded from float64 as torch rounds the Python scalar
             self._model_stock(out, staged_base, base_kind, staged, model_kind, len(models),
                               self._parameter_tensor([ratio], torch.float32), float(1 - ratio), row_length=0)
 
-        self._run(work)
+        self._run_elementwise(out, work)
 
     def model_stock_rows(self, out: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor],
                          row_length: int) -> None:
-        count = out.numel()
-        if count == 0:
-            return
 
-        def work():
+        def work(count: int) -> None:
             rows = count // row_length
-            staged_base, base_kind = self._stage("base", [base], count)
-            staged, model_kind = self._stage("models", models, count)
+            staged_base, base_kind, staged, model_kind = self._stage_base_models(base, models, count)
             gram = self._row_gram(staged, model_kind, len(models), staged_base, base_kind, count, row_length)
             ratios = model_stock_ratio(gram[:rows]).float()  # (rows,)
             self._model_stock(out, staged_base, base_kind, staged, model_kind, len(models), ratios, 0.0,
                               row_length=row_length)
 
-        self._run(work)
+        self._run_elementwise(out, work)
 
     def _model_stock(self, out, staged_base, base_kind, staged, model_kind, model_count, ratios, complement,
                      row_length):
@@ -267,11 +263,8 @@ class TritonBackend:
 
     def slerp_rows(self, out: torch.Tensor, first: torch.Tensor, second: torch.Tensor, row_length: int,
                    t: float) -> None:
-        count = out.numel()
-        if count == 0:
-            return
 
-        def work():
+        def work(count: int) -> None:
             rows = count // row_length
             staged, kind = self._stage("models", [first, second], count)
             gram = self._row_gram(staged, kind, 2, None, 0, count, row_length)[:rows]  # (rows, 2, 2)
@@ -283,15 +276,12 @@ class TritonBackend:
                          BLOCK=BLOCK)
             self._finish(out, result)
 
-        self._run(work)
+        self._run_elementwise(out, work)
 
     def fisher(self, out: torch.Tensor, models: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor],
                weights: Sequence[float], epsilon: float) -> None:
-        count = out.numel()
-        if count == 0:
-            return
 
-        def work():
+        def work(count: int) -> None:
             staged, model_kind = self._stage("models", models, count)
             staged_fishers, fisher_kind = self._stage("fishers", fishers, count)
             result, out_kind = self._output(out)
@@ -301,7 +291,7 @@ class TritonBackend:
                          MODEL_KIND=model_kind, FISHER_KIND=fisher_kind, OUT_KIND=out_kind, BLOCK=BLOCK)
             self._finish(out, result)
 
-        self._run(work)
+        self._run_elementwise(out, work)
 
     # -- statistics ------------------------------------------------------------------------------------
     def abs_delta_histogram(self, base: torch.Tensor, model: torch.Tensor, histogram: torch.Tensor,
@@ -311,8 +301,7 @@ class TritonBackend:
             return
 
         def work():
-            staged_base, base_kind = self._stage("base", [base], count)
-            staged, model_kind = self._stage("models", [model], count)
+            staged_base, base_kind, staged, model_kind = self._stage_base_models(base, [model], count)
             counts = self.buffers.get("histogram", 1, BINS, torch.int64)[0, :BINS]
             counts.zero_()
             self._launch(self.kernels.abs_delta_histogram_kernel, self._grid(count), counts, staged_base, staged,
@@ -332,8 +321,7 @@ class TritonBackend:
             return [(0, 0)] * len(models)
 
         def work():
-            staged_base, base_kind = self._stage("base", [base], count)
-            staged, model_kind = self._stage("models", models, count)
+            staged_base, base_kind, staged, model_kind = self._stage_base_models(base, models, count)
             keys = self.buffers.get("keys", 1, count, torch.int32)[0, :count]
             results = []
             for row, ((low, high), target) in enumerate(zip(ranges, collected)):
@@ -355,8 +343,7 @@ class TritonBackend:
             raise ValueError(f"unknown sparsification {rule.kind!r}")
 
         def work():
-            staged_base, base_kind = self._stage("base", [base], count)
-            staged, model_kind = self._stage("models", [model], count)
+            staged_base, base_kind, staged, model_kind = self._stage_base_models(base, [model], count)
             programs = self._grid(count)[0]
             partials = self.buffers.get("partials", 1, 2 * programs, torch.float64)[0, :2 * programs]
             self._launch(self.kernels.masked_l1_kernel, (programs,), partials, staged_base, staged,
@@ -373,8 +360,7 @@ class TritonBackend:
             return torch.zeros((len(models), len(models)), dtype=torch.float64).numpy()
 
         def work():
-            staged_base, base_kind = self._stage("base", [base], count)
-            staged, model_kind = self._stage("models", models, count)
+            staged_base, base_kind, staged, model_kind = self._stage_base_models(base, models, count)
             partial = self._row_gram(staged, model_kind, len(models), staged_base, base_kind, count, GRAM_SEGMENT)
             return partial.sum(0).cpu()
 

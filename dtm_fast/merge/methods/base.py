@@ -1,5 +1,6 @@
-"""What a merge method is: its parameters, a whole-tensor plain-torch reference (the definition),
-and a streaming merge built from backend chunk operations that must equal the reference.
+"""What a merge method is: its parameters and a streaming merge built from backend chunk operations.
+Its reference (the definition every backend and chunking is tested against) is the same merge run
+on whole in-memory tensors with the reference backend.
 
 Parameters are values, never code. A parameter is either shared by all models ("global") or given
 per model ("model"); mergekit-style per-tensor gradients and filters are resolved to plain numbers
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 from dtm_fast.errors import DtmError
+from dtm_fast.merge.chunk import TensorContext  # noqa: F401 - part of a method's interface
 
 if TYPE_CHECKING:
     import torch
@@ -62,29 +64,8 @@ class TensorParams:
         return self.per_model[name]
 
 
-@dataclass(frozen=True)
-class TensorContext:
-    """What a method may know about the tensor being merged."""
-
-    name: str
-    shape: tuple[int, ...]
-    seed: int
-
-    @property
-    def numel(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count
-
-    @property
-    def row_length(self) -> int:
-        """Elements per row along the leading axis (1 for vectors and scalars)."""
-        return self.numel // self.shape[0] if len(self.shape) >= 2 and self.shape[0] else 1
-
-
 class MergeMethod(ABC):
-    """Base class: subclasses set the class attributes and implement reference() and merge()."""
+    """Base class: subclasses set the class attributes and implement merge()."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -94,6 +75,7 @@ class MergeMethod(ABC):
     max_models: ClassVar[int | None] = None
     needs_fisher: ClassVar[bool] = False
     row_wise: ClassVar[bool] = False  # statistics per leading-axis row: chunks hold whole rows
+    vector_is_one_row: ClassVar[bool] = False  # per-row statistics see a 1-D tensor as one row (mergekit's)
 
     def has_statistics_pass(self, params: TensorParams) -> bool:
         """Whether merge() reads the tensor more than once (statistics, then combine): the engine
@@ -108,6 +90,13 @@ class MergeMethod(ABC):
         """Whether every chunk must hold whole leading-axis rows (per-row statistics)."""
         return self.row_wise
 
+    def row_length(self, context: TensorContext) -> int:
+        """Elements per row of this method's per-row statistics: the leading axis' rows, and for a
+        vector either one row per element or, with `vector_is_one_row`, the whole vector."""
+        if len(context.shape) < 2 and self.vector_is_one_row:
+            return max(1, context.numel)
+        return context.row_length
+
     def check_model_count(self, count: int) -> None:
         if count < self.min_models:
             raise DtmError(f"{self.name} needs at least {self.min_models} model(s) besides the base, got {count}")
@@ -117,10 +106,13 @@ class MergeMethod(ABC):
     def check_params(self, params: TensorParams, where: str) -> None:
         """Method-specific checks across parameters (ranges are checked per Param)."""
 
-    @abstractmethod
     def reference(self, params: TensorParams, base: "torch.Tensor | None", models: Sequence["torch.Tensor"],
                   context: TensorContext, fishers: Sequence["torch.Tensor"] = ()) -> "torch.Tensor":
-        """The definition: fp32 result for whole in-memory tensors."""
+        """The definition: the fp32 result for whole in-memory tensors, which is this method's own
+        merge() run on them as one chunk with the reference backend (so its math exists once)."""
+        from dtm_fast.merge.in_memory import merge_whole
+
+        return merge_whole(self, params, base, models, context, fishers)
 
     @abstractmethod
     def merge(self, params: TensorParams, stream: "TensorStream") -> None:

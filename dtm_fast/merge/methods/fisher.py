@@ -20,17 +20,6 @@ class Fisher(MergeMethod):
         if any(w <= 0 for w in params.model("weight")):
             raise DtmError(f"{where}: fisher weights must be > 0 (got {list(params.model('weight'))})")
 
-    def reference(self, params, base, models, context, fishers=()):
-        import torch
-
-        numerator = torch.zeros(models[0].shape, dtype=torch.float32)
-        denominator = torch.zeros(models[0].shape, dtype=torch.float32)
-        for model, fisher, weight in zip(models, fishers, params.model("weight")):
-            importance = (fisher.float() + float(params["epsilon"])) * float(weight)
-            numerator += importance * model.float()
-            denominator += importance
-        return numerator / denominator
-
     def merge(self, params, stream):
         weights = [float(w) for w in params.model("weight")]
         for chunk in stream.chunks(write=True):

@@ -19,8 +19,7 @@ from typing import ClassVar, Sequence
 from dtm_fast.errors import DtmError
 from dtm_fast.merge import rng
 from dtm_fast.merge.magnitude import (
-    COLLECT_FRACTION, RadixSearch, bracketed_select, breadcrumbs_ranks, kth_largest_key_in_memory, magnitude_keys,
-    new_histogram, top_k_count,
+    COLLECT_FRACTION, RadixSearch, bracketed_select, breadcrumbs_ranks, new_histogram, sorted_select, top_k_count,
 )
 from dtm_fast.merge.methods.base import (
     MergeMethod, Param, TensorContext, TensorParams, in_open_closed_unit, in_unit,
@@ -119,35 +118,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
             scaled.append(Sparsify(rule.kind, rule.low_key, rule.high_key, rule.philox_key, rule.threshold, scale))
         return scaled
 
-    # -- the definition --------------------------------------------------------------------------
-    def reference(self, params, base, models, context, fishers=()):
-        import torch
-
-        from dtm_fast.merge.backends.reference import ReferenceBackend, keep_mask
-
-        base32 = base.float().reshape(-1)
-        flat = [model.float().reshape(-1) for model in models]
-        band_keys = []
-        for index, model in enumerate(flat):
-            ranks = self._ranks(params, index, base32.numel()) if self.sparsification in ("magnitude", "band") else None
-            if ranks is None or ranks[1] < ranks[0]:
-                band_keys.append(None)
-                continue
-            keys = magnitude_keys(model - base32)
-            high = NO_UPPER_KEY if ranks[0] == 1 else kth_largest_key_in_memory(keys, ranks[0])
-            band_keys.append((kth_largest_key_in_memory(keys, ranks[1]), high))
-        rules = self._rules_from_keys(params, context, band_keys)
-        l1_sums = []
-        for model, rule in zip(flat, rules):
-            delta = (model - base32).abs().double()
-            mask = keep_mask(delta, rule, 0)
-            l1_sums.append((float(delta.sum()), float(delta.sum() if mask is None else delta[mask].sum())))
-        spec = self._spec(params, self._with_scales(params, rules, l1_sums))
-        out = torch.empty_like(base32)
-        ReferenceBackend().gta(out, base32, flat, spec, 0)
-        return out.reshape(base.shape)
-
-    # -- streaming ---------------------------------------------------------------------------------
+    # -- the merge (also the definition: reference() runs it on whole tensors) ----------------------
     def merge(self, params, stream):
         context, backend = stream.context, stream.backend
         count = len(stream.models)
@@ -182,13 +153,17 @@ class GeneralizedTaskArithmetic(MergeMethod):
                 wanted.append(sorted({first, last} - {1} | {last}))
         if not any(wanted):
             return [None] * len(stream.models)
-        found: list[dict[int, int]] = [{} for _ in wanted]
-        if hasattr(stream.backend, "abs_delta_select"):
-            found = bracketed_select(stream, wanted)
+        if stream.holds_whole_tensor:
+            return self._band_keys(params, numel, wanted, sorted_select(stream, wanted))
+        found = bracketed_select(stream, wanted)
         missing = [[rank for rank in ranks if rank not in found[index]] for index, ranks in enumerate(wanted)]
         if any(missing):
             for index, keys in enumerate(self._radix_select(stream, missing)):
                 found[index].update(keys)
+        return self._band_keys(params, numel, wanted, found)
+
+    def _band_keys(self, params: TensorParams, numel: int, wanted: list[list[int]],
+                   found: list[dict[int, int]]) -> list[tuple[int, int] | None]:
         result: list[tuple[int, int] | None] = []
         for index, ranks in enumerate(wanted):
             if not ranks:

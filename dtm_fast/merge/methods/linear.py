@@ -28,14 +28,6 @@ class Linear(MergeMethod):
         if params["normalize"] and sum(weights) == 0:
             raise DtmError(f"{where}: linear weights sum to zero, nothing to average")
 
-    def reference(self, params, base, models, context, fishers=()):
-        import torch
-
-        result = torch.zeros(models[0].shape, dtype=torch.float32)
-        for model, coefficient in zip(models, self.coefficients(params)):
-            result += model.float() * coefficient
-        return result
-
     def merge(self, params, stream):
         coefficients = self.coefficients(params)
         for chunk in stream.chunks(write=True):

@@ -11,23 +11,11 @@ class ModelStock(MergeMethod):
     min_models = 2
     params = (Param("filter_wise", "global", bool, False, help="one ratio per output row instead of per tensor"),)
 
-    def reference(self, params, base, models, context, fishers=()):
-        import torch
-
-        from dtm_fast.merge.backends.reference import model_stock_ratio
-
-        rows = base.shape[0] if params["filter_wise"] and base.dim() >= 1 and base.numel() else 1
-        base_rows = base.float().reshape(rows, -1)
-        deltas = torch.stack([m.float().reshape(rows, -1) - base_rows for m in models]).double()
-        ratio = model_stock_ratio(torch.einsum("irc,jrc->rij", deltas, deltas)).float().unsqueeze(1)
-        average = torch.stack([m.float().reshape(rows, -1) for m in models]).mean(0)
-        return (average * ratio + base_rows * (1 - ratio)).reshape(base.shape)
-
     def merge(self, params, stream):
         backend = stream.backend
         if params["filter_wise"]:
             for chunk in stream.chunks(write=True):
-                backend.model_stock_rows(chunk.out, chunk.base, chunk.models, stream.context.row_length)
+                backend.model_stock_rows(chunk.out, chunk.base, chunk.models, self.row_length(stream.context))
             return
         import torch
 

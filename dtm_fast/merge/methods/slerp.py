@@ -13,16 +13,7 @@ class Slerp(MergeMethod):
     row_wise = True
     params = (Param("t", "global", float, 0.5, in_unit, help="interpolation factor (0 = base, 1 = model)"),)
 
-    def reference(self, params, base, models, context, fishers=()):
-        from dtm_fast.merge.backends.reference import slerp_coefficients
-
-        rows = base.shape[0] if base.dim() >= 1 and base.numel() else 1
-        a = base.float().reshape(rows, -1)
-        b = models[0].float().reshape(rows, -1)
-        coef_a, coef_b = slerp_coefficients(a.double(), b.double(), float(params["t"]))
-        return (a * coef_a.float().unsqueeze(1) + b * coef_b.float().unsqueeze(1)).reshape(base.shape)
-
     def merge(self, params, stream):
         for chunk in stream.chunks(write=True):
-            stream.backend.slerp_rows(chunk.out, chunk.base, chunk.models[0], stream.context.row_length,
+            stream.backend.slerp_rows(chunk.out, chunk.base, chunk.models[0], self.row_length(stream.context),
                                       float(params["t"]))

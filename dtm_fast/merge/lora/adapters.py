@@ -2,15 +2,8 @@
 
 Each adapter i holds, per targeted linear layer, factors A_i (r_i x in) and B_i (out x r_i) with
 scale s_i = alpha_i / r_i (alpha_i / sqrt(r_i) with rslora); its sub-model is W_i = W + s_i B_i A_i.
-Three modes, named for what they compute:
-
-  materialize     stream each virtual W_i through any merge method into a full checkpoint
-                  (merge/lora_materialize.py);
-  exact-concat    one adapter of rank sum(r_i) whose product is exactly sum_i c_i s_i B_i A_i
-                  (linear weights c_i; merge/lora_adapter_out.py);
-  factor-average  the DTM paper code's A = sum c_i A_i, B = sum c_i B_i, an approximation.
-
-This module reads and checks the adapters against the base, then hands over to the mode.
+This module reads and checks the adapters against the base; merge/lora/__init__.py picks the mode's
+source for the merge driver.
 """
 
 from __future__ import annotations
@@ -30,7 +23,7 @@ from dtm_fast.merge.config import MergeConfig
 if TYPE_CHECKING:
     import torch
 
-    from dtm_fast.merge.engine import Inputs
+    from dtm_fast.merge.inputs import Inputs
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +100,8 @@ def read_adapter(checkpoint: Checkpoint, base: Checkpoint, mode: str) -> LoraAda
     rank, alpha = config.get("r"), config.get("lora_alpha")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise _field_error(checkpoint, "r", f"must be a positive integer, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise _field_error(checkpoint, "lora_alpha", f"must be a number, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise _field_error(checkpoint, "lora_alpha", f"must be a finite number, got {alpha!r}")
     use_rslora = bool(config.get("use_rslora", False))
 
     factors: dict[str, dict[str, TensorEntry]] = {}
@@ -236,16 +229,3 @@ def read_factor(entry: TensorEntry) -> "torch.Tensor":
     finally:
         os.close(fd)
     return raw.view(torch_dtype(entry.dtype)).reshape(entry.shape).float()
-
-
-def run_lora_merge(config: MergeConfig, inputs: "Inputs") -> Path:
-    """Merge LoRA adapters per config.lora_mode; returns the published output directory."""
-    adapters = read_adapters(config, inputs)
-    log.info("merging %d LoRA adapter(s) with --lora-mode %s", len(adapters), config.lora_mode)
-    if config.lora_mode == "materialize":
-        from dtm_fast.merge.lora_materialize import run_materialize
-
-        return run_materialize(config, inputs, adapters)
-    from dtm_fast.merge.lora_adapter_out import run_adapter_merge
-
-    return run_adapter_merge(config, inputs, adapters)

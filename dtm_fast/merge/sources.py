@@ -1,0 +1,198 @@
+"""What the merge driver (engine.py) streams: a source lays out the output and says, for every planned
+tensor, how it is filled. Full checkpoints are the source here; LoRA sub-models applied on the fly
+(merge/lora/materialize.py) and LoRA adapter output (merge/lora/adapter_out.py) are sources too, so
+every merge goes through the one loop: plan -> buffers -> stream -> combine -> write -> publish.
+
+A source is built from the config and the opened inputs, and gives the driver:
+    plan                    the output shards and tensors (header-only work, done at construction)
+    check()                 refuse bad parameters before any output exists
+    chunk_needs(backend)    what a chunk element costs (for the budget)
+    work(shards, ...)       one TensorWork per planned tensor of those shards, in order
+    side_files(partial)     config, tokenizer or adapter config beside the weights
+    fingerprint_fields(), provenance_fields()   what else identifies and describes the merge
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from dtm_fast.io import output as out_io
+from dtm_fast.io.dtypes import torch_name
+from dtm_fast.io.safetensors_format import DTYPE_SIZES
+from dtm_fast.merge.budget import ChunkNeeds, streaming_chunk, whole_rows
+from dtm_fast.merge.config import MergeConfig
+from dtm_fast.merge.chunk import TensorContext
+from dtm_fast.merge.methods.base import TensorParams
+from dtm_fast.merge.plan import OutputPlan, PlannedShard, PlannedTensor, plan_output
+
+if TYPE_CHECKING:
+    from dtm_fast.merge.inputs import Inputs
+
+
+
+@dataclass
+class TensorWork:
+    """Fills one planned tensor of a shard: run(fd) writes its bytes at the planned offset of the
+    open shard file `fd` (through the driver's ChunkIO where it streams)."""
+
+    tensor: PlannedTensor
+    run: Callable[[int], None]
+
+
+class MergeSource(ABC):
+    needs_backend = True  # adapter output computes small factors in torch and needs no chunk backend
+
+    reads_mapped_inputs = True  # input chunks may be views of the mapped files (when the backend reads so)
+    budget_subject = "this merge"
+
+    def __init__(self, config: MergeConfig, inputs: "Inputs", plan: OutputPlan):
+        self.config = config
+        self.inputs = inputs
+        self.plan = plan
+        self.params: dict[str, TensorParams] = {}
+
+    def check(self) -> None:
+        """Every tensor's resolved parameters are valid before any output exists."""
+        method = self.config.method_impl
+        for name, params in self.params.items():
+            method.check_params(params, f"{self.config.source}: tensor {name!r}")
+
+    def fingerprint_fields(self) -> dict:
+        return {}
+
+    def provenance_fields(self) -> dict:
+        return {}
+
+    def side_files(self, partial: Path) -> list[str]:
+        """Config, generation config and tokenizer files from the base (or first model)."""
+        config = self.config
+        side_source = config.base if config.base is not None else config.models[0].path
+        return out_io.copy_side_files(Path(side_source), partial, torch_name(config.dtype) if config.dtype else None)
+
+    @abstractmethod
+    def stage_label(self, backend_name: str) -> str:
+        """What the progress line calls this merge."""
+
+    @abstractmethod
+    def chunk_needs(self, backend, mapped: bool) -> ChunkNeeds:
+        """What one chunk element costs with `backend` (mapped: inputs read as mapped pages)."""
+
+    @abstractmethod
+    def budget_description(self, backend) -> str:
+        """Why the budget is what it is, for the error when it is too small."""
+
+    @abstractmethod
+    def chunk_sizes(self, shards: list[PlannedShard], needs: ChunkNeeds, budget: int) -> dict[str, int]:
+        """Chunk length of every tensor of `shards`, none above the `budget` chunk unless a row needs it."""
+
+    @abstractmethod
+    def work(self, shards: list[PlannedShard], backend, io, chunks: dict[str, int]) -> list[list[TensorWork]]:
+        """For each shard, the TensorWork of each of its tensors, in merge order."""
+
+
+def resolve_params(config: MergeConfig, plan: OutputPlan) -> dict[str, TensorParams]:
+    """Every merged tensor's parameters, resolved once: the budget, the chunking and the merge read them."""
+    return {t.name: config.tensor_params(t.name, t.layer_index, plan.num_layers)
+            for s in plan.shards for t in s.tensors if t.merged}
+
+
+class CheckpointSource(MergeSource):
+    """Full checkpoints: every float tensor merged by the method, the rest copied from the base."""
+
+    def __init__(self, config: MergeConfig, inputs: "Inputs"):
+        super().__init__(config, inputs, plan_output(inputs.reference, config.dtype, config.max_shard_size))
+        self.params = resolve_params(config, self.plan)
+
+    def stage_label(self, backend_name: str) -> str:
+        return f"merge ({self.config.method}, {backend_name})"
+
+    def _reads_base(self) -> bool:
+        return self.inputs.base is not None and self.config.method_impl.needs_base
+
+    def chunk_needs(self, backend, mapped: bool) -> ChunkNeeds:
+        inputs, method = self.inputs, self.config.method_impl
+        # every slot is sized for the widest dtype of any input, so any input can use any slot
+        itemsize = max(DTYPE_SIZES[e.dtype] for c in inputs.all() for e in c.tensors.values())
+        count = int(self._reads_base()) + len(inputs.models) + len(inputs.fishers)
+        out_size = max(DTYPE_SIZES[t.out_dtype] for s in self.plan.shards for t in s.tensors)
+        longest_row = 0
+        for shard in self.plan.shards:
+            for tensor in shard.tensors:
+                if tensor.merged and method.needs_whole_rows(self.params[tensor.name]):
+                    longest_row = max(longest_row, method.row_length(self._context(tensor)))
+        return ChunkNeeds((itemsize,) * count, out_size,
+                          backend.workspace_bytes_per_element(count) + method.statistics_bytes_per_element(len(inputs.models)),
+                          min_elements=max(longest_row, 4096), mapped=mapped)
+
+    def budget_description(self, backend) -> str:
+        count = int(self._reads_base()) + len(self.inputs.models) + len(self.inputs.fishers)
+        return f"{count} inputs, {backend.name} backend"
+
+    def chunk_sizes(self, shards: list[PlannedShard], needs: ChunkNeeds, budget: int) -> dict[str, int]:
+        """A tensor with statistics passes takes the largest chunk the budget allows, so that it is
+        read once for all its passes when it fits; a one-pass tensor streams in cache-sized chunks.
+        Row-wise methods get whole rows."""
+        method = self.config.method_impl
+        streaming = min(budget, streaming_chunk(needs))
+        sizes = {}
+        for shard in shards:
+            for tensor in shard.tensors:
+                params = self.params.get(tensor.name)
+                chunk = budget if params is not None and method.has_statistics_pass(params) else streaming
+                if params is not None and method.needs_whole_rows(params):
+                    row_length = method.row_length(self._context(tensor))
+                    if row_length > 1:
+                        chunk = whole_rows(chunk, row_length)  # the budget holds a row
+                sizes[tensor.name] = chunk
+        return sizes
+
+    def _context(self, tensor: PlannedTensor) -> TensorContext:
+        return TensorContext(tensor.name, tensor.shape, self.config.seed)
+
+    def work(self, shards: list[PlannedShard], backend, io, chunks: dict[str, int]) -> list[list[TensorWork]]:
+        """One stream per tensor, each knowing the one after it so its first chunk is read while the
+        current tensor computes."""
+        from dtm_fast.merge.stream import TensorStream
+
+        config, inputs, method = self.config, self.inputs, self.config.method_impl
+        result, previous = [], None
+        for shard in shards:
+            shard_work = []
+            for tensor in shard.tensors:
+                context = self._context(tensor)
+                base = inputs.base.tensors[tensor.name] if inputs.base is not None else None
+                models = [m.tensors[tensor.name] for m in inputs.models]
+                if tensor.merged:
+                    fishers = [f.tensors[tensor.name] for f in inputs.fishers]
+                    stream = TensorStream(context, backend, base if method.needs_base else None, models, fishers, io,
+                                          chunks[tensor.name], tensor.out_dtype, None, tensor.offset)
+                    run = _merging(method, self.params[tensor.name], stream)
+                else:  # copied unchanged from the base (or the first model)
+                    stream = TensorStream(context, backend, None, [base if base is not None else models[0]], [], io,
+                                          chunks[tensor.name], tensor.out_dtype, None, tensor.offset)
+                    run = _copying(stream)
+                if previous is not None:
+                    previous.following = stream
+                previous = stream
+                shard_work.append(TensorWork(tensor, run))
+            result.append(shard_work)
+        return result
+
+
+def _merging(method, params: TensorParams, stream) -> Callable[[int], None]:
+    def run(fd: int) -> None:
+        stream.out_fd = fd
+        method.merge(params, stream)
+
+    return run
+
+
+def _copying(stream) -> Callable[[int], None]:
+    def run(fd: int) -> None:
+        stream.out_fd = fd
+        stream.copy_first_input()
+
+    return run

@@ -1,0 +1,83 @@
+// Tiles, dtype widening and rounding, and sparsify rules: what every kernel is built from.
+// Included by ops_body.h inside its anonymous namespace, so it is compiled once per instruction set.
+#pragma once
+
+constexpr int64_t kTile = 2048;
+// Below this many tiles a chunk is computed by the calling thread: waking the team costs more.
+constexpr int64_t kMinParallelTiles = 8;
+
+inline int64_t tile_count(int64_t n) { return (n + kTile - 1) / kTile; }
+
+inline bool valid_dtype(int dtype) { return dtype == DTM_F32 || dtype == DTM_F16 || dtype == DTM_BF16; }
+
+template <int DTYPE>
+inline void load_typed(float* __restrict dst, const void* src, int64_t offset, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) dst[i] = Element<DTYPE>::load(src, offset + i);
+}
+
+// Widens elements offset .. offset+count-1 of `src` into dst (the dtype switch is outside the loop).
+inline void load_tile(float* __restrict dst, const void* src, int dtype, int64_t offset, int64_t count) {
+  if (dtype == DTM_BF16) load_typed<DTM_BF16>(dst, src, offset, count);
+  else if (dtype == DTM_F16) load_typed<DTM_F16>(dst, src, offset, count);
+  else load_typed<DTM_F32>(dst, src, offset, count);
+}
+
+template <int DTYPE>
+inline void store_typed(void* dst, int64_t offset, const float* __restrict src, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) Element<DTYPE>::store(dst, offset + i, src[i]);
+}
+
+inline void store_tile(void* dst, int dtype, int64_t offset, const float* __restrict src, int64_t count) {
+  if (dtype == DTM_BF16) store_typed<DTM_BF16>(dst, offset, src, count);
+  else if (dtype == DTM_F16) store_typed<DTM_F16>(dst, offset, src, count);
+  else store_typed<DTM_F32>(dst, offset, src, count);
+}
+
+// A sparsify rule in the form the inner loops use: unsigned key bounds (keys are 0 .. 2^31-1).
+struct Rule {
+  int kind;
+  int32_t low, high;  // band: keep low <= key <= high; an empty band has low > high
+  uint32_t threshold;
+  float scale;
+  PhiloxKeys keys;
+  explicit Rule(const dtm_sparsify& rule)
+      : kind(rule.kind), low(0), high(0), threshold(uint32_t(rule.threshold)), scale(rule.scale),
+        keys(rule.key_low, rule.key_high) {
+    const int64_t max_key = 0x7FFFFFFF;
+    if (rule.high_key < 0 || rule.low_key > max_key || rule.low_key > rule.high_key) {
+      low = 1;  // nothing is kept
+      high = 0;
+    } else {
+      low = int32_t(rule.low_key < 0 ? 0 : rule.low_key);
+      high = int32_t(rule.high_key > max_key ? max_key : rule.high_key);
+    }
+  }
+};
+
+inline bool valid_rule(const dtm_sparsify& rule) {
+  if (rule.kind == DTM_SPARSIFY_RANDOM) return rule.threshold >= 0 && rule.threshold <= (1 << 24);
+  return rule.kind == DTM_SPARSIFY_NONE || rule.kind == DTM_SPARSIFY_BAND;
+}
+
+// keep[i] = all ones where element index0 + i survives the rule (band / random only), else 0: a bit
+// mask, so that the selects below are and/or on bit patterns and vectorise on every instruction set.
+inline void keep_flags(uint32_t* __restrict keep, const float* __restrict delta, const Rule& rule, int64_t index0,
+                       int64_t count) {
+  if (rule.kind == DTM_SPARSIFY_BAND) {
+    const int32_t low = rule.low, high = rule.high;
+    for (int64_t i = 0; i < count; ++i) {
+      const int32_t key = int32_t(bits_from_float(delta[i]) & 0x7FFFFFFFu);
+      keep[i] = (0u - uint32_t(key >= low)) & (0u - uint32_t(key <= high));
+    }
+  } else {
+    philox_keep(keep, uint64_t(index0), count, rule.keys, rule.threshold);
+  }
+}
+
+// |x - b| as fp32 into delta (keys are its bit patterns).
+inline void abs_delta_tile(float* __restrict delta, float* __restrict scratch, const void* base, const void* model,
+                           int dtype, int64_t offset, int64_t count) {
+  load_tile(delta, model, dtype, offset, count);
+  load_tile(scratch, base, dtype, offset, count);
+  for (int64_t i = 0; i < count; ++i) delta[i] = fabsf(delta[i] - scratch[i]);
+}
