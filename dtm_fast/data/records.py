@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from dtm_fast.errors import DtmError
-from dtm_fast.io.text import json_value, read_utf8, utf8_lines
+from dtm_fast.io.text_files import json_value, read_text, utf8_lines
 
 FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -113,7 +113,7 @@ def _iter_jsonl(path: Path) -> Iterator[Record]:
 
 
 def _read_json(path: Path) -> list[Record]:
-    text = read_utf8(path, "data file")
+    text = read_text(path, "data file")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
@@ -131,7 +131,7 @@ def _read_json(path: Path) -> list[Record]:
 
 
 def _read_csv(path: Path) -> list[Record]:
-    reader = csv.DictReader(io.StringIO(read_utf8(path, "data file"), newline=""))
+    reader = csv.DictReader(io.StringIO(read_text(path, "data file"), newline=""))
     records = []
     try:
         for row in reader:

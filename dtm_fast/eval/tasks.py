@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dtm_fast.errors import DtmError
-from dtm_fast.io.text import json_value, utf8_lines
+from dtm_fast.io.text_files import json_value, utf8_lines
 
 logger = logging.getLogger(__name__)
 LETTERS = string.ascii_uppercase

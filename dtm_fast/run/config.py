@@ -32,13 +32,14 @@ import difflib
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from dtm_fast import checks
 from dtm_fast.errors import DtmError
-from dtm_fast.io.text import read_utf8
+from dtm_fast.io.text_files import load_yaml
+from dtm_fast.run.grid import MAX_SEED, Cell, Job, MergeSection, MergeSetting, axis
 
 TOP_LEVEL_KEYS = ("run_dir", "data", "k", "seeds", "base_model", "gguf_file", "vanilla", "disperse", "train",
                   "merge", "eval", "launch", "slurm")
@@ -52,23 +53,9 @@ MERGE_KEYS = ("method", "parameters", "weights", "lora_mode", "dtype", "max_memo
               "seed")
 # set per seed when `seeds` is swept
 SET_BY_SEEDS = {"disperse": "seed", "train": "seed"}
-MAX_SEED = 2**31 - 1
 LAUNCH_KEYS = ("nproc_per_node",)
 SLURM_KEYS = ("partition", "account", "qos", "time", "nodes", "gpus_per_node", "cpus_per_task", "mem",
               "job_name", "setup", "extra_sbatch")
-
-
-@dataclass(frozen=True)
-class MergeSection:
-    method: str = "linear"
-    parameters: dict[str, Any] = field(default_factory=dict)  # the method's global parameters
-    weights: tuple[float, ...] | None = None   # one per sub-model (linear, task_arithmetic, ...)
-    lora_mode: str = "materialize"              # LoRA sub-models: materialize | exact-concat | factor-average
-    dtype: str | None = None                    # None: the inputs' dtype
-    max_memory: str = "2GiB"
-    max_shard_size: str = "5GB"
-    backend: str = "auto"
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -84,32 +71,6 @@ class SlurmSection:
     job_name: str = "dtm"
     setup: tuple[str, ...] = ()        # shell lines run first in every job (module load, source venv)
     extra_sbatch: tuple[str, ...] = ()  # further "#SBATCH" options, e.g. "--constraint=h100"
-
-
-@dataclass(frozen=True)
-class MergeSetting:
-    """One merge of the sub-models: its name (a directory name) and its MergeSection."""
-
-    name: str
-    section: MergeSection
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One point of the grid: a seed (None: the sections' own seeds) and a K."""
-
-    seed: int | None
-    k: int
-    prefix: str  # where its outputs go inside run_dir ("" without sweeps, "seed-0/k-4/")
-
-
-@dataclass(frozen=True)
-class Job:
-    """One training job: a sub-model of a cell, or the vanilla baseline of a seed."""
-
-    name: str            # its directory inside run_dir, e.g. "sub-0", "seed-1/k-4/sub-2", "seed-1/vanilla"
-    cell: Cell           # for vanilla: the cell whose portions it trains on (the seed's first K)
-    portion: int | None  # None: vanilla, all portions
 
 
 @dataclass(frozen=True)
@@ -283,19 +244,6 @@ def _merge_settings(values: Any, where: str, k: int | None) -> tuple[tuple[Merge
     return tuple(settings), True
 
 
-def _axis(values: Mapping[str, Any], key: str, where: str, minimum: int, maximum: int | None) -> tuple[tuple[int, ...], bool]:
-    """A whole number or a list of distinct whole numbers: (values, swept)."""
-    value = values[key]
-    if isinstance(value, list):
-        if not value:
-            raise DtmError(f"{where}: '{key}' must list at least one value")
-        numbers = tuple(checks.whole_number(v, f"{key}[{i}]", minimum, maximum) for i, v in enumerate(value))
-        if len(set(numbers)) != len(numbers):
-            raise DtmError(f"{where}: '{key}' lists a value twice: {value!r}")
-        return numbers, True
-    return (checks.whole_number(value, key, minimum, maximum),), False
-
-
 def _slurm_section(values: Mapping[str, Any], where: str) -> SlurmSection:
     where = f"{where}: slurm"
     _check_keys(values, SLURM_KEYS, where)
@@ -348,10 +296,10 @@ def _parse(values: Mapping[str, Any], config_path: Path, run_dir: str | None) ->
         if not path.exists():
             raise DtmError(f"{where}: data[{index}]: {path}: no such file or directory")
         data_paths.append(path.absolute())
-    ks, k_swept = _axis(values, "k", where, minimum=1, maximum=100_000)
+    ks, k_swept = axis(values, "k", where, minimum=1, maximum=100_000)
     seeds = None
     if "seeds" in values:
-        seeds, _ = _axis(values, "seeds", where, minimum=0, maximum=MAX_SEED)
+        seeds, _ = axis(values, "seeds", where, minimum=0, maximum=MAX_SEED)
     base_model = _path(values["base_model"], "base_model", where, root).absolute()
     if not base_model.is_dir():
         raise DtmError(f"{where}: base_model: {base_model} is not a directory (a Hugging Face model directory, "
@@ -389,7 +337,7 @@ def _parse(values: Mapping[str, Any], config_path: Path, run_dir: str | None) ->
 
 def check_sections(config: RunConfig) -> None:
     """Build every stage's own config once, so a bad key or value fails before any work starts."""
-    from dtm_fast.run import stages
+    from dtm_fast.run import evaluation, stages
 
     for cell in config.cells():
         stages.disperse_config(config, cell)
@@ -397,24 +345,12 @@ def check_sections(config: RunConfig) -> None:
             stages.merge_config(config, cell, setting)
     for job in config.jobs():
         stages.train_config(config, job)
-    stages.eval_config(config)
+    evaluation.eval_config(config)
 
 
 def load_run_config(path: str | Path, run_dir: str | None = None) -> RunConfig:
-    import yaml
-
     path = Path(path).expanduser().absolute()
-    if path.is_dir():
-        raise DtmError(f"{path}: is a directory, not a config file; give the path of the YAML file")
-    if not path.is_file():
-        raise DtmError(f"{path}: no such config file")
-    text = read_utf8(path, "config file")
-    try:
-        values = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise DtmError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
-    except (ValueError, RecursionError) as error:  # e.g. an impossible date: 2024-13-45
-        raise DtmError(f"{path}: not valid YAML ({error})") from None
+    values = load_yaml(path, "config file")
     return parse_run_config({} if values is None else values, path, run_dir)
 
 

@@ -22,8 +22,9 @@ from typing import Any, Callable
 
 from dtm_fast import __version__, ui
 from dtm_fast.errors import DtmError
-from dtm_fast.run import stages
-from dtm_fast.run.config import Cell, Job, MergeSetting, RunConfig, describe
+from dtm_fast.run import evaluation, stages
+from dtm_fast.run.config import RunConfig, describe
+from dtm_fast.run.grid import Cell, Job, MergeSetting
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class Walk:
                         lambda cell=cell: run_disperse(config, cell), prepare)
         if group == "prepare" or self.until == "disperse":
             return self.plan
-        models = stages.eval_models(config)
+        models = evaluation.eval_models(config)
         finish = group in ("all", "finish")
         evaluate = self.until == "eval" and group != "train"
         # seed by seed: a run stopped part-way has every stage of its first seeds, a usable partial result
@@ -126,15 +127,15 @@ class Walk:
             for model in models:
                 if model.spec.role == "base":
                     self._eval_stage(model, finish)
-            self._stage("report", stages.report_dir(config), tuple(stages.eval_stage(m) for m in models),
-                        lambda: stages.report_status(config, models, self.identities),
+            self._stage("report", stages.report_dir(config), tuple(evaluation.eval_stage(m) for m in models),
+                        lambda: evaluation.report_status(config, models, self.identities),
                         lambda: run_report(config, models, self.identities), finish)
         return self.plan
 
-    def _eval_stage(self, model: stages.EvalModel, in_group: bool) -> None:
+    def _eval_stage(self, model: evaluation.EvalModel, in_group: bool) -> None:
         config = self.config
-        self._stage(stages.eval_stage(model), stages.eval_dir(config, model.spec.id), ("base", *model.depends_on),
-                    lambda: stages.eval_status(config, model, self.identities, self.hashes),
+        self._stage(evaluation.eval_stage(model), stages.eval_dir(config, model.spec.id), ("base", *model.depends_on),
+                    lambda: evaluation.eval_status(config, model, self.identities, self.hashes),
                     lambda: run_eval_model(config, model, self.identities, self.hashes), in_group)
 
 
@@ -188,14 +189,14 @@ def estimated_cost(config: RunConfig, records: int) -> list[list[str]]:
     if config.vanilla:
         rows.append(["vanilla", f"{seeds} job(s)", steps(records)])
     rows.append(["merge", f"{len(config.cells()) * len(config.merges)} merge(s)", f"{len(config.merges)} per cell"])
-    evaluation = stages.eval_config(config)
+    settings = evaluation.eval_config(config)
     questions = []
-    for task in evaluation.tasks:
+    for task in settings.tasks:
         if task.file:
-            questions.append(f"{task.name}: {len(load_mmlu_jsonl(task.file, evaluation.limit))} questions")
+            questions.append(f"{task.name}: {len(load_mmlu_jsonl(task.file, settings.limit))} questions")
         else:
-            questions.append(f"{task.name}: {evaluation.limit or 'all'} questions")
-    rows.append(["evaluation", f"{len(evaluation.models)} model(s)", ", ".join(questions)])
+            questions.append(f"{task.name}: {settings.limit or 'all'} questions")
+    rows.append(["evaluation", f"{len(settings.models)} model(s)", ", ".join(questions)])
     return rows
 
 
@@ -350,39 +351,35 @@ def run_merge_stage(config: RunConfig, cell: Cell, setting: MergeSetting, identi
     stages.record_stage(config, stage, fingerprint, complete=True)
 
 
-def _eval_settings(config: RunConfig):
-    return stages.eval_config(config)
-
-
-def run_eval_model(config: RunConfig, model: stages.EvalModel, identities: dict[str, str],
+def run_eval_model(config: RunConfig, model: evaluation.EvalModel, identities: dict[str, str],
                    hashes: stages.HashCache) -> None:
     """One model's evaluation into eval/<model>/: result.json and samples/ (lm_eval's per-sample log)."""
     from dtm_fast.eval.harness import build_tasks
     from dtm_fast.eval.pipeline import RequestCache, evaluate_model
 
-    stage = stages.eval_stage(model)
-    fingerprint = stages.eval_fingerprint(config, model, identities, hashes)
+    stage = evaluation.eval_stage(model)
+    fingerprint = evaluation.eval_fingerprint(config, model, identities, hashes)
     stages.record_stage(config, stage, fingerprint, complete=False)
-    evaluation = _eval_settings(config)
+    settings = evaluation.eval_config(config)
     folder = stages.eval_dir(config, model.spec.id)
     with ui.library_output_to(stages.log_path(config)):
-        tasks = build_tasks(evaluation)
+        tasks = build_tasks(settings)
         cache = RequestCache(config.run_dir / "eval" / "request-cache" /
-                             stages.digest(stages.eval_settings_identity(config, hashes))[:16])
+                             stages.digest(evaluation.eval_settings_identity(config, hashes))[:16])
         sub_paths = model.spec.path.split("+") if model.spec.role == "ensemble" else None
-        result = evaluate_model(model.spec, evaluation, tasks, folder / "samples", cache, sub_paths)
+        result = evaluate_model(model.spec, settings, tasks, folder / "samples", cache, sub_paths)
     result.update(seed=model.seed, k=model.k, merge=model.merge)
-    stages.write_json(folder / stages.RESULT_FILE, result)
+    stages.write_json(folder / evaluation.RESULT_FILE, result)
     stages.record_stage(config, stage, fingerprint, complete=True)
 
 
-def run_report(config: RunConfig, models: list[stages.EvalModel], identities: dict[str, str]) -> None:
+def run_report(config: RunConfig, models: list[evaluation.EvalModel], identities: dict[str, str]) -> None:
     from dtm_fast.eval.pipeline import finish_report
 
-    fingerprint = stages.report_fingerprint(config, models, identities)
+    fingerprint = evaluation.report_fingerprint(config, models, identities)
     stages.record_stage(config, "report", fingerprint, complete=False)
-    results = [stages.read_json(stages.eval_dir(config, m.spec.id) / stages.RESULT_FILE) for m in models]
-    finish_report(results, _eval_settings(config))
+    results = [stages.read_json(stages.eval_dir(config, m.spec.id) / evaluation.RESULT_FILE) for m in models]
+    finish_report(results, evaluation.eval_config(config))
     stages.record_stage(config, "report", fingerprint, complete=True)
 
 

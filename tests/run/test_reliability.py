@@ -24,13 +24,13 @@ def one_line_error(capsys, *args: str) -> str:
 def test_config_file_not_utf8_missing_or_a_directory(assets, capsys):
     path = assets / "latin1.yaml"
     path.write_bytes(b"run_dir: run\nk: 2\nbase_model: caf\xe9\n")
-    assert f"{path}:3: not UTF-8 text (byte 0xe9)" in one_line_error(capsys, "run", str(path))
+    assert f"{path}:3: not UTF-8 text (byte 0xe9" in one_line_error(capsys, "run", str(path))
     assert "no such config file" in one_line_error(capsys, "run", str(assets / "nowhere.yaml"))
     (assets / "folder.yaml").mkdir(exist_ok=True)
-    assert "is a directory, not a config file" in one_line_error(capsys, "run", str(assets / "folder.yaml"))
+    assert "is a directory; give the config file itself" in one_line_error(capsys, "run", str(assets / "folder.yaml"))
     broken = assets / "broken.yaml"
     broken.write_text("k: [2\n")
-    assert f"{broken}: not valid YAML" in one_line_error(capsys, "run", str(broken))
+    assert f"{broken}:2: not valid YAML" in one_line_error(capsys, "run", str(broken))
     date = assets / "date.yaml"
     date.write_text("k: 2001-13-45\n")
     assert f"{date}: not valid YAML" in one_line_error(capsys, "run", str(date))
