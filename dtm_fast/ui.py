@@ -296,13 +296,14 @@ def library_output_to(log_file: Path) -> Iterator[Path]:
         sys.stdout = sys.stderr = log
         root.handlers = [file_handler, warnings_handler]
         # libraries that hold their own handler on the old stream object (transformers does)
-        redirected = _point_stream_handlers(saved_streams, log)
+        redirected = _point_stream_handlers(log)
         root.setLevel(min(saved_level, logging.INFO) if saved_level else logging.INFO)
         _quiet_library_progress()
         yield log_file
     finally:
         for handler, stream in locals().get("redirected", []):
-            handler.setStream(stream)
+            if stream is not None:
+                handler.setStream(stream)
         root.handlers, root.level = saved_handlers, saved_level
         sys.stdout, sys.stderr = saved_streams
         for fd, copy in saved_fds.items():
@@ -321,12 +322,17 @@ def library_output_to(log_file: Path) -> Iterator[Path]:
         _console = previous_console
 
 
-def _point_stream_handlers(streams: tuple, log: TextIO) -> list[tuple[logging.StreamHandler, Any]]:
+def _point_stream_handlers(log: TextIO) -> list[tuple[logging.StreamHandler, Any]]:
+    """Libraries that hold a handler of their own on a terminal stream (transformers does, and
+    does not propagate to the root logger): point it at the log while capturing."""
     moved = []
-    for logger in list(logging.Logger.manager.loggerDict.values()):
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if name.startswith("dtm_fast"):
+            continue
         for handler in getattr(logger, "handlers", []):
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
-                    and handler.stream in streams:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                if isinstance(getattr(type(handler), "stream", None), property):
+                    continue  # logging's last-resort handler: it always writes to the current sys.stderr
                 moved.append((handler, handler.setStream(log)))
     return moved
 
