@@ -309,6 +309,7 @@ def library_output_to(log_file: Path) -> Iterator[Path]:
         for fd, copy in saved_fds.items():
             os.dup2(copy, fd)
             os.close(copy)
+        _release_handlers_on(log)
         log.close()
         if pending and target.parent.is_dir():
             with open(target, "ab") as destination:
@@ -333,8 +334,20 @@ def _point_stream_handlers(log: TextIO) -> list[tuple[logging.StreamHandler, Any
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 if isinstance(getattr(type(handler), "stream", None), property):
                     continue  # logging's last-resort handler: it always writes to the current sys.stderr
+                if getattr(handler.stream, "closed", False):
+                    handler.stream = sys.stderr  # left on an earlier capture's closed log: no flush possible
                 moved.append((handler, handler.setStream(log)))
     return moved
+
+
+def _release_handlers_on(log: TextIO) -> None:
+    """A library that set up its logging while output was captured holds a handler on the log
+    file, which is about to close: point it at the restored stderr (fd 2) instead."""
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is log:
+                handler.flush()
+                handler.stream = sys.stderr
 
 
 def _quiet_library_progress() -> None:

@@ -45,3 +45,26 @@ def test_dtm_warnings_still_reach_the_terminal(tmp_path, capsys):
     assert "a library" not in captured.out + captured.err
     log = (tmp_path / "logs" / "x.log").read_text()
     assert "a library warning" in log and "a library print" in log
+
+
+def test_a_library_that_sets_up_logging_while_captured_keeps_working(tmp_path, capsys):
+    """lm_eval and transformers add their handler on first import, which may happen inside a capture
+    (then on the log file): after the capture closes, that handler must neither fail nor vanish."""
+    import logging
+
+    from dtm_fast import ui
+
+    library = logging.getLogger("some_library_set_up_late")
+    library.propagate = False
+    with ui.library_output_to(tmp_path / "first.log"):
+        library.addHandler(logging.StreamHandler(sys.stderr))  # sys.stderr is the log file here
+        library.warning("inside")
+    capsys.readouterr()
+    library.warning("after")  # must not write to the closed log
+    err = capsys.readouterr().err
+    assert "Logging error" not in err and "after" in err, err
+    with ui.library_output_to(tmp_path / "second.log"):
+        library.warning("inside again")
+    assert "inside" in (tmp_path / "first.log").read_text()
+    assert "inside again" in (tmp_path / "second.log").read_text()
+    library.handlers.clear()
