@@ -27,6 +27,7 @@ _console = None
 PLAIN_INTERVAL_S = 5.0
 # where dtm's own lines go: the process's stdout/stderr, or the terminal saved by library_output_to
 _out: TextIO | None = None
+_NO_LOCK = __import__("contextlib").nullcontext()
 _err: TextIO | None = None
 
 
@@ -303,14 +304,17 @@ def library_output_to(log_file: Path) -> Iterator[Path]:
     finally:
         for handler, stream in locals().get("redirected", []):
             if stream is not None:
-                handler.setStream(stream)
+                _swap_stream(handler, stream)
         root.handlers, root.level = saved_handlers, saved_level
         sys.stdout, sys.stderr = saved_streams
         for fd, copy in saved_fds.items():
             os.dup2(copy, fd)
             os.close(copy)
         _release_handlers_on(log)
-        log.close()
+        try:
+            log.close()
+        except ValueError:
+            pass  # a library closed the buffer under sys.stdout (=log) by wrapping it: nothing left to flush
         if pending and target.parent.is_dir():
             with open(target, "ab") as destination:
                 destination.write(log_file.read_bytes())
@@ -318,7 +322,10 @@ def library_output_to(log_file: Path) -> Iterator[Path]:
         os.environ.pop("DTM_LIBRARY_LOG", None)
         for stream, copy in ((terminal_out, out_copy), (terminal_err, err_copy)):
             if copy is not None:
-                stream.close()
+                try:
+                    stream.close()
+                except ValueError:
+                    pass
         _out = _err = None
         _console = previous_console
 
@@ -331,12 +338,10 @@ def _point_stream_handlers(log: TextIO) -> list[tuple[logging.StreamHandler, Any
         if name.startswith("dtm_fast"):
             continue
         for handler in getattr(logger, "handlers", []):
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                if isinstance(getattr(type(handler), "stream", None), property):
-                    continue  # logging's last-resort handler: it always writes to the current sys.stderr
-                if getattr(handler.stream, "closed", False):
-                    handler.stream = sys.stderr  # left on an earlier capture's closed log: no flush possible
-                moved.append((handler, handler.setStream(log)))
+            # plain StreamHandlers only: subclasses (a test runner's capture, logging's last resort)
+            # manage their streams themselves
+            if type(handler) is logging.StreamHandler:
+                moved.append((handler, _swap_stream(handler, log)))
     return moved
 
 
@@ -345,9 +350,21 @@ def _release_handlers_on(log: TextIO) -> None:
     file, which is about to close: point it at the restored stderr (fd 2) instead."""
     for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
         for handler in getattr(logger, "handlers", []):
-            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is log:
-                handler.flush()
-                handler.stream = sys.stderr
+            if type(handler) is logging.StreamHandler and handler.stream is log:
+                _swap_stream(handler, sys.stderr)
+
+
+def _swap_stream(handler: logging.StreamHandler, stream: Any) -> Any:
+    """handler.setStream without its flush of a stream that may be closed already; returns the old one."""
+    with handler.lock or _NO_LOCK:
+        old = handler.stream
+        if old is not None and not getattr(old, "closed", False):
+            try:
+                old.flush()
+            except (OSError, ValueError):
+                pass
+        handler.stream = stream
+    return old
 
 
 def _quiet_library_progress() -> None:
