@@ -14,12 +14,14 @@ name the line to fix.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from dtm_fast.errors import DtmError
+from dtm_fast.io.text_files import json_value, read_text, utf8_lines
 
 FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -63,43 +65,61 @@ def read_records(path: str | Path) -> list[Record]:
         return _read_saved_dataset(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return _read_jsonl(path)
+        return list(_iter_jsonl(path))
     if suffix == ".json":
         return _read_json(path)
     if suffix == ".parquet":
-        import pyarrow.parquet
-
-        table = pyarrow.parquet.read_table(path)
-        return [Record(row, f"{path}[{i}]") for i, row in enumerate(table.to_pylist())]
+        return _read_parquet(path)
     if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            # line numbers count the header as line 1
-            return [Record(dict(row), f"{path}:{i + 2}") for i, row in enumerate(csv.DictReader(handle))]
+        return _read_csv(path)
     raise DtmError(f"{path}: unknown data file type {suffix!r}; use .jsonl, .json, .parquet, .csv "
                    "or a directory saved with datasets' save_to_disk")
 
 
-def _read_jsonl(path: Path) -> list[Record]:
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DtmError(f"{path}:{line_number}: not valid JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(value, dict):
-                raise DtmError(f"{path}:{line_number}: expected a JSON object per line, got {type(value).__name__}")
-            records.append(Record(value, f"{path}:{line_number}"))
-    return records
+def first_record(path: str | Path) -> Record | None:
+    """The first record of a data file, reading no more of a jsonl file than that (what
+    `dtm run --dry-run` checks cheaply); None for an empty file."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".jsonl":
+        return next(_iter_jsonl(path), None)
+    records = read_records(path)
+    return records[0] if records else None
+
+
+def count_records(path: str | Path) -> int:
+    """How many records a data file holds; a jsonl file's lines are counted without being parsed."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".jsonl":
+        with open(path, "rb") as handle:
+            return sum(1 for line in handle if line.strip())
+    if path.is_file() and path.suffix.lower() == ".parquet":
+        import pyarrow.parquet
+
+        try:
+            return pyarrow.parquet.ParquetFile(path).metadata.num_rows
+        except Exception as error:  # pyarrow raises its own types for a damaged file
+            raise DtmError(f"{path}: not a readable parquet file ({error})") from None
+    return len(read_records(path))
+
+
+def _iter_jsonl(path: Path) -> Iterator[Record]:
+    for line_number, line in utf8_lines(path, "data file"):
+        if not line.strip():
+            continue
+        value = json_value(line, f"{path}:{line_number}")
+        if not isinstance(value, dict):
+            raise DtmError(f"{path}:{line_number}: expected a JSON object per line, got {type(value).__name__}")
+        yield Record(value, f"{path}:{line_number}")
 
 
 def _read_json(path: Path) -> list[Record]:
+    text = read_text(path, "data file")
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(text)
     except json.JSONDecodeError as error:
         raise DtmError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    except RecursionError:
+        raise DtmError(f"{path}: JSON nested too deeply to read") from None
     if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
         value = next(iter(value.values()))  # {"data": [...]} style wrappers
     if not isinstance(value, list):
@@ -108,6 +128,28 @@ def _read_json(path: Path) -> list[Record]:
         if not isinstance(item, dict):
             raise DtmError(f"{path}[{index}]: expected a JSON object, got {type(item).__name__}")
     return [Record(item, f"{path}[{index}]") for index, item in enumerate(value)]
+
+
+def _read_csv(path: Path) -> list[Record]:
+    reader = csv.DictReader(io.StringIO(read_text(path, "data file"), newline=""))
+    records = []
+    try:
+        for row in reader:
+            # line numbers count the header as line 1
+            records.append(Record(dict(row), f"{path}:{reader.line_num}"))
+    except csv.Error as error:
+        raise DtmError(f"{path}:{reader.line_num}: not readable as CSV ({error})") from None
+    return records
+
+
+def _read_parquet(path: Path) -> list[Record]:
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except Exception as error:  # pyarrow raises its own types (ArrowInvalid, ...) for a damaged file
+        raise DtmError(f"{path}: not a readable parquet file ({error})") from None
+    return [Record(row, f"{path}[{i}]") for i, row in enumerate(table.to_pylist())]
 
 
 def _read_saved_dataset(path: Path) -> list[Record]:
@@ -196,6 +238,28 @@ def to_conversation(record: Record, fmt: str) -> Conversation:
     return Conversation(messages, record.location, record.fields)
 
 
+def check_not_blank(conversation: Conversation) -> None:
+    """The one rule for every command (dtm disperse, dtm train, dtm run): a user or assistant message
+    that is empty or whitespace only is an error naming the record, never silently trained on."""
+    for index, message in enumerate(conversation.messages):
+        if message["role"] != "system" and not message["content"].strip():
+            raise DtmError(f"{conversation.location}: message {index} ({message['role']}) is empty; "
+                           "fix or remove this record")
+
+
+def conversations_of(records: list[Record], fmt: str, first_turn_only: bool = False) -> list[Conversation]:
+    """Normalise the records of one file as every command uses them: to chat messages, cut to the
+    first turn when asked, and checked for empty messages (after the cut, so only what is used counts)."""
+    conversations = []
+    for record in records:
+        conversation = to_conversation(record, fmt)
+        if first_turn_only:
+            conversation = conversation.first_turn()
+        check_not_blank(conversation)
+        conversations.append(conversation)
+    return conversations
+
+
 def load_conversations(paths: str | Path | Iterable[str | Path], fmt: str | None = None,
                        first_turn_only: bool = False) -> list[Conversation]:
     """Read and normalise every record of one or more files. `fmt=None` detects the format from
@@ -207,8 +271,5 @@ def load_conversations(paths: str | Path | Iterable[str | Path], fmt: str | None
         records = read_records(path)
         if not records:
             raise DtmError(f"{path}: contains no records")
-        file_format = fmt or detect_format(records[0])
-        for record in records:
-            conversation = to_conversation(record, file_format)
-            conversations.append(conversation.first_turn() if first_turn_only else conversation)
+        conversations += conversations_of(records, fmt or detect_format(records[0]), first_turn_only)
     return conversations

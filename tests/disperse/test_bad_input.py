@@ -48,7 +48,7 @@ def test_unknown_format_method_and_config_key():
         DisperseConfig(inputs=("x.jsonl",), output_dir="out", k=2, format="yaml")
     with pytest.raises(DtmError, match="unknown method 'spectral'"):
         DisperseConfig(inputs=("x.jsonl",), output_dir="out", k=2, method="spectral")
-    with pytest.raises(DtmError, match=r"unknown config key\(s\) n_portions"):
+    with pytest.raises(DtmError, match=r"unknown config key\(s\) 'n_portions'"):
         DisperseConfig.from_dict({"inputs": "x.jsonl", "output_dir": "out", "n_portions": 2})
     with pytest.raises(DtmError, match="needs an encoder"):
         DisperseConfig(inputs=("x.jsonl",), output_dir="out", k=2, method="kmeans")
@@ -60,8 +60,11 @@ def test_existing_output_is_never_lost(tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(DtmError, match="did not write"):
-        disperse(DisperseConfig(inputs=(str(data),), output_dir=str(foreign), k=2, overwrite=True))
+        disperse(DisperseConfig(inputs=(str(data),), output_dir=str(foreign), k=2))
+    # --overwrite writes beside a file dtm did not write, and never deletes it
+    disperse(DisperseConfig(inputs=(str(data),), output_dir=str(foreign), k=2, overwrite=True))
     assert (foreign / "notes.txt").read_text() == "keep me"
+    assert (foreign / "portion-1.jsonl").is_file()
 
     out = tmp_path / "out"
     first = disperse(DisperseConfig(inputs=(str(data),), output_dir=str(out), k=2))
@@ -73,7 +76,8 @@ def test_existing_output_is_never_lost(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == saved
     replaced = disperse(DisperseConfig(inputs=(str(data),), output_dir=str(out), k=3, overwrite=True))
     assert replaced.manifest["counts"] == [4, 3, 3] and first.manifest["k"] == 2
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"] + [f"portion-{i}.jsonl" for i in range(3)]
+    assert sorted(p.name for p in out.iterdir()) == [".dtm-written.json", "manifest.json"] + [
+        f"portion-{i}.jsonl" for i in range(3)]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temporary left behind
 
 

@@ -48,7 +48,7 @@ def test_rerun_reproduces_every_byte_and_a_current_output_is_reused(tmp_path, al
     config_b = DisperseConfig(inputs=(str(alpaca_file),), output_dir=str(tmp_path / "b"), k=3, seed=11)
     first, second = disperse(config_a), disperse(config_b)
     names = sorted(p.name for p in first.output_dir.iterdir())
-    assert names == ["manifest.json", "portion-0.jsonl", "portion-1.jsonl", "portion-2.jsonl"]
+    assert names == [".dtm-written.json", "manifest.json", "portion-0.jsonl", "portion-1.jsonl", "portion-2.jsonl"]
     for name in names:
         assert (first.output_dir / name).read_bytes() == (second.output_dir / name).read_bytes()
     before = {p.name: p.stat().st_mtime_ns for p in first.output_dir.iterdir()}

@@ -27,7 +27,7 @@ def test_cli_writes_the_report_with_roles_from_flags(tiny_models, mmlu_file, tmp
     report = json.loads((output / "report.json").read_text())
     assert [(m["name"], m["role"]) for m in report["models"]] == [
         ("base", "base"), ("sub-0", "sub"), ("second", "sub"), ("merged", "model")]
-    assert report["tasks"] == [{"name": "mmlu", "metric": "acc,none"}]
+    assert report["tasks"] == [{"name": "mmlu", "metric": "acc,none", "measures": ["value", "gold_logprob"]}]
     assert report["base"] == "base"
     printed = capsys.readouterr().out
     assert "alignment tax (difference to base)" in printed and "second" in printed

