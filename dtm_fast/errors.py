@@ -23,6 +23,13 @@ class Interrupted(Exception):
     """Raised by a command that caught Ctrl-C or SIGTERM and knows how the user continues."""
 
 
+def shown(value: object) -> str:
+    """A user-given path or name as it goes into a one-line message: as typed when printable,
+    else quoted with its control characters escaped (a newline in a path must not break the line)."""
+    text = str(value)
+    return text if text.isprintable() else repr(text)
+
+
 def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
     """`--debug` anywhere on the command line (removed from it), or DTM_DEBUG=1."""
     debug = "--debug" in argv or os.environ.get("DTM_DEBUG", "") not in ("", "0")

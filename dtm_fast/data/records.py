@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from dtm_fast.errors import DtmError
+from dtm_fast.errors import DtmError, shown
 from dtm_fast.io.text_files import json_value, read_text, utf8_lines
 
 FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion")
@@ -60,7 +60,7 @@ def read_records(path: str | Path) -> list[Record]:
     """Read every record of one file or saved dataset directory."""
     path = Path(path)
     if not path.exists():
-        raise DtmError(f"{path}: no such file or directory")
+        raise DtmError(f"{shown(path)}: no such file or directory")
     if path.is_dir():
         return _read_saved_dataset(path)
     suffix = path.suffix.lower()

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dtm_fast.errors import DtmError
+from dtm_fast.errors import DtmError, shown
 from dtm_fast.io.safetensors_format import TensorEntry, read_header
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def open_checkpoint(path: str | Path, allow_pickle: bool = False, pickle_cache: 
     """Read every header of a checkpoint and check the files agree with each other."""
     path = Path(path)
     if not path.exists():
-        raise DtmError(f"{path}: no such file or directory")
+        raise DtmError(f"{shown(path)}: no such file or directory")
     if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
         raise DtmError(f"{path}: cannot read this directory (permission denied)")
     config: dict = {}

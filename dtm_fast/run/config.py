@@ -46,7 +46,7 @@ TOP_LEVEL_KEYS = ("run_dir", "data", "k", "seeds", "base_model", "gguf_file", "v
 # set by `dtm run` itself from the top level; a section that names them would contradict it
 SET_BY_RUN = {
     "disperse": ("inputs", "output_dir", "k", "overwrite"),
-    "train": ("model", "data", "output_dir", "gguf_file", "resume", "checkpoint_dir"),
+    "train": ("model", "data", "output_dir", "gguf_file", "resume", "checkpoint_dir", "fresh", "overwrite"),
     "eval": ("models", "output_dir", "overwrite"),
 }
 MERGE_KEYS = ("method", "parameters", "weights", "lora_mode", "dtype", "max_memory", "max_shard_size", "backend",
@@ -166,6 +166,9 @@ def _section(values: Mapping[str, Any], name: str, where: str) -> dict[str, Any]
 def _path(value: Any, field_name: str, where: str, root: Path) -> Path:
     if not isinstance(value, str) or not value:
         raise DtmError(f"{where}: '{field_name}' must be a path, got {value!r}")
+    if not value.isprintable():
+        raise DtmError(f"{where}: '{field_name}' is {value!r}, which holds a control character (a newline, a "
+                       "tab); a path with one is almost always a quoting mistake in the YAML")
     path = Path(value).expanduser()
     # normpath, not resolve: "../runs" reads as it is meant, a symlinked model keeps its own name
     return Path(os.path.normpath(path if path.is_absolute() else (root / path)))

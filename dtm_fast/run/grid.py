@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 from dtm_fast import checks
 from dtm_fast.errors import DtmError
+from dtm_fast.merge.budget import DEFAULT_MAX_MEMORY_TEXT
 
 MAX_SEED = 2**31 - 1
 
@@ -19,7 +20,7 @@ class MergeSection:
     weights: tuple[float, ...] | None = None   # one per sub-model (linear, task_arithmetic, ...)
     lora_mode: str = "materialize"              # LoRA sub-models: materialize | exact-concat | factor-average
     dtype: str | None = None                    # None: the inputs' dtype
-    max_memory: str = "2GiB"
+    max_memory: str = DEFAULT_MAX_MEMORY_TEXT  # the merger's one default
     max_shard_size: str = "5GB"
     backend: str = "auto"
     seed: int = 0

@@ -222,29 +222,20 @@ def _staging_beside(target: Path) -> Path:
 def convert_gguf_base(config: RunConfig, hashes: stages.HashCache) -> None:
     """De-quantise the GGUF base once into a float32 Hugging Face directory, which the trainer, the
     merger (LoRA needs the base's tensors) and the evaluation all read."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from dtm_fast.io.owned_dir import check_replaceable, publish
+    from dtm_fast.train.loading import save_dequantized_gguf
 
     target = stages.base_dir(config)
     check_replaceable(target, "dtm run (base)", overwrite=False, replace_own=True)
     source = config.base_model / config.gguf_file
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(config.base_model), gguf_file=config.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(str(config.base_model), gguf_file=config.gguf_file,
-                                                     dtype=torch.float32)
     except (OSError, ValueError) as error:
         raise DtmError(f"{config.where}: gguf_file: cannot load {source}: {error}") from None
-    # the weights are plain float32 once loaded; the GGUF "quantizer" transformers attaches only
-    # records where they came from, and would make save_pretrained refuse
-    model.hf_quantizer = None
-    for holder in (model, model.config):
-        for attribute in ("quantization_config", "is_quantized"):
-            if attribute in vars(holder):
-                delattr(holder, attribute)
     staging = _staging_beside(target)
-    model.save_pretrained(staging)
+    save_dequantized_gguf(config.base_model, config.gguf_file, staging)
     tokenizer.save_pretrained(staging)
     stages.write_json(staging / stages.BASE_MANIFEST,
                       {"tool": "dtm_fast run", "version": __version__,

@@ -55,7 +55,7 @@ def _multi_node_training(config: RunConfig, folder: Path, jobs: list[str], gpus:
     configs = folder / "train-configs"
     configs.mkdir(parents=True, exist_ok=True)
     for name in jobs:
-        values = stages.train_config(config, name).to_dict()
+        values = stages.train_config(config, config.job(name)).to_dict()
         (configs / f"{name}.yaml").write_text(
             f"# written by dtm run --emit slurm from {config.config_path}; rerun that after editing it\n"
             + yaml.safe_dump(values, sort_keys=False))

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # config.py imports this module to check a config's sections
 BASE_MANIFEST = "dtm_base.json"
 # TrainConfig fields that change how a job runs or is checkpointed, never the weights it exports
 TRAIN_OPERATIONAL_FIELDS = ("resume", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "log_every",
-                            "max_shard_size_mb")
+                            "max_shard_size_mb", "fresh", "overwrite", "compile", "peak_tflops")
 
 
 # ---- where things go -------------------------------------------------------------------------
@@ -188,27 +188,25 @@ def lora_training(config: RunConfig) -> bool:
 
 
 def merge_config(config: RunConfig, cell: Cell, setting: MergeSetting, resume: bool = False):
-    from dtm_fast.merge.config import DTYPE_NAMES, MergeConfig, ModelInput, parse_size
+    """The merge stage's MergeConfig, built the one way every merge is (MergeConfig.from_dict)."""
+    from dtm_fast.merge.config import MergeConfig
     from dtm_fast.merge.methods import METHODS
 
     section = setting.section
     where = f"{config.where}: merge" + (f"[{setting.name}]" if config.merge_swept else "")
     if section.method not in METHODS:
         raise DtmError(f"{where}.method: unknown merge method {section.method!r}; choose one of {', '.join(METHODS)}")
-    if section.dtype is not None and section.dtype not in DTYPE_NAMES:
-        raise DtmError(f"{where}.dtype must be one of bfloat16, float16, float32, got {section.dtype!r}")
     models = [job_dir(config, f"{cell.prefix}sub-{i}") for i in range(cell.k)]
     weights = section.weights or (None,) * len(models)
-    inputs = tuple(ModelInput(path, {} if weight is None else {"weight": weight}) for path, weight in zip(models, weights))
     needs_base = METHODS[section.method].needs_base or lora_training(config)
-    return MergeConfig(
-        method=section.method, models=inputs, output=merged_dir(config, cell, setting),
-        base=base_dir(config) if needs_base else None, parameters=dict(section.parameters),
-        dtype=DTYPE_NAMES[section.dtype] if section.dtype else None,
-        max_memory=parse_size(section.max_memory, f"{where}.max_memory"),
-        max_shard_size=parse_size(section.max_shard_size, f"{where}.max_shard_size"),
-        backend=section.backend, seed=section.seed, lora_mode=section.lora_mode, resume=resume, overwrite=True,
-        source=where)
+    return MergeConfig.from_dict({
+        "method": section.method, "output": merged_dir(config, cell, setting),
+        "models": [{"path": path, "parameters": {} if weight is None else {"weight": weight}}
+                   for path, weight in zip(models, weights)],
+        "base": base_dir(config) if needs_base else None, "parameters": dict(section.parameters),
+        "dtype": section.dtype, "max_memory": section.max_memory, "max_shard_size": section.max_shard_size,
+        "backend": section.backend, "seed": section.seed, "lora_mode": section.lora_mode, "resume": resume,
+        "overwrite": True}, source=where)
 
 
 # ---- is it current? -------------------------------------------------------------------------------

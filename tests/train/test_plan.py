@@ -99,7 +99,9 @@ def allocated(tensors):
 params = allocated(trainer.model.parameters())
 grads = allocated(p.grad for p in trainer.model.parameters() if p.grad is not None)
 states = allocated(v for state in trainer.optimizer.state.values() for v in state.values() if v.dim() > 0)
-print(json.dumps({"rank": runtime.rank, "params": params, "grads": grads, "optimizer": states}))
+# one file per rank: two ranks printing to one pipe can interleave their lines
+with open(f"{sys.argv[2]}/rank-{runtime.rank}.json", "w") as handle:
+    json.dump({"rank": runtime.rank, "params": params, "grads": grads, "optimizer": states}, handle)
 """
 
 
@@ -116,10 +118,10 @@ def test_plan_matches_a_measured_two_rank_cpu_run(tmp_path, arithmetic_data, fin
     script = tmp_path / "measure.py"
     script.write_text(MEASURE)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             str(script), json.dumps(values)], capture_output=True, text=True, timeout=600,
+                             str(script), json.dumps(values), str(tmp_path)], capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    ranks = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank-*.json"))]
     assert len(ranks) == 2
     config = TrainConfig(**values)
     plan = plan_memory(describe_architecture(config), config, 2, "cpu", None, "", 4)
