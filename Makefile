@@ -1,7 +1,7 @@
 # Set-up and entry points. Each target installs what it needs into .venv on first use.
 #   make demo   - the whole DTM experiment (or, until the trainer lands, a merge) on an embedded default
 #   make test   - the test suite (CPU), then the Triton-interpreter tests in their own process
-#   make gpu-check OUT=dir - everything only a GPU runs, with one JSON + Markdown report (bench/gpu_check.py)
+#   make gpu-check OUT=dir - everything only a GPU runs, with one JSON + Markdown report (dtm_fast/bench/gpu_check.py)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -37,7 +37,7 @@ bench: setup
 
 OUT ?= bench/results/gpu-check
 gpu-check: setup
-	$(BIN)/python bench/gpu_check.py $(OUT)
+	$(BIN)/python -m dtm_fast.bench.gpu_check $(OUT)
 
 clean:
 	rm -rf build $(VENV) .pytest_cache

@@ -68,3 +68,22 @@ def prefixed(prefix: str, check: Callable[[], T]) -> T:
     except DtmError as error:
         message = str(error)
         raise DtmError(message if message.startswith(prefix) else f"{prefix}{message}") from None
+
+
+def config_from_mapping(cls: type[T], values: Any, section: str, adjust: Callable[[dict], dict] | None = None) -> T:
+    """A config dataclass from a mapping of its fields: not a mapping, an unknown key and a missing
+    required key each raise one DtmError that names `section`; `adjust` may rewrite the values first."""
+    from dataclasses import fields
+    from collections.abc import Mapping
+
+    if not isinstance(values, Mapping):
+        raise DtmError(f"{section}: expected a mapping of keys to values, got {values!r}")
+    known = {item.name for item in fields(cls)}
+    unknown = sorted(repr(key) for key in set(values) - known)
+    if unknown:
+        raise DtmError(f"{section}: unknown config key(s) {', '.join(unknown)}; known keys are {', '.join(sorted(known))}")
+    values = adjust(dict(values)) if adjust else dict(values)
+    try:
+        return cls(**values)
+    except TypeError as error:  # a missing required key
+        raise DtmError(f"{section}: {error}") from None

@@ -148,6 +148,22 @@ static inline uint32_t keep_flag(uint64_t index, const PhiloxKeys& keys, uint32_
   return 0u - uint32_t((philox_draw(index, keys) >> 8) < threshold);
 }
 
+// Philox draws of elements index0 .. index0+count-1 (words of whole counters computed once each).
+static inline void philox_draws(uint32_t* __restrict draws, uint64_t index0, int64_t count, const PhiloxKeys& keys) {
+  int64_t i = 0;
+  for (; i < count && ((index0 + uint64_t(i)) & (kPhiloxBlock - 1)); ++i) draws[i] = philox_draw(index0 + i, keys);
+  for (; i + kPhiloxBlock <= count; i += kPhiloxBlock) {
+    const uint64_t first = ((index0 + uint64_t(i)) >> 6) * 16;
+    for (int lane = 0; lane < 16; ++lane) {
+      const uint64_t counter = first + uint64_t(lane);
+      uint32_t words[4] = {uint32_t(counter), uint32_t(counter >> 32), 0u, 0u};
+      philox4x32(words, keys);
+      for (int word = 0; word < 4; ++word) draws[i + 16 * word + lane] = words[word];
+    }
+  }
+  for (; i < count; ++i) draws[i] = philox_draw(index0 + i, keys);
+}
+
 // keep[i] = all ones iff (draw(index0 + i) >> 8) < threshold, else 0. The SIMD versions handle the
 // whole blocks; the elements before the first block boundary and after the last use the scalar code.
 #if defined(__AVX512F__)
@@ -241,21 +257,11 @@ static inline void philox_keep(uint32_t* keep, uint64_t index0, int64_t count, c
   for (; i < count; ++i) keep[i] = keep_flag(index0 + i, keys, threshold);
 }
 #else
-// Whole blocks: one Philox evaluation per counter serves its four elements.
+// The draws of whole counters (each serves four elements), then the comparison.
 static inline void philox_keep(uint32_t* keep, uint64_t index0, int64_t count, const PhiloxKeys& keys,
                                uint32_t threshold) {
-  int64_t i = 0;
-  for (; i < count && ((index0 + uint64_t(i)) & (kPhiloxBlock - 1)); ++i) keep[i] = keep_flag(index0 + i, keys, threshold);
-  for (; i + kPhiloxBlock <= count; i += kPhiloxBlock) {
-    const uint64_t first = ((index0 + uint64_t(i)) >> 6) * 16;
-    for (int lane = 0; lane < 16; ++lane) {
-      const uint64_t counter = first + uint64_t(lane);
-      uint32_t words[4] = {uint32_t(counter), uint32_t(counter >> 32), 0u, 0u};
-      philox4x32(words, keys);
-      for (int word = 0; word < 4; ++word) keep[i + 16 * word + lane] = 0u - uint32_t((words[word] >> 8) < threshold);
-    }
-  }
-  for (; i < count; ++i) keep[i] = keep_flag(index0 + i, keys, threshold);
+  philox_draws(keep, index0, count, keys);
+  for (int64_t i = 0; i < count; ++i) keep[i] = 0u - uint32_t((keep[i] >> 8) < threshold);
 }
 #endif
 

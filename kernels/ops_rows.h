@@ -115,22 +115,6 @@ int slerp_rows(void* out, int out_dtype, const void* first, const void* second, 
   return 0;
 }
 
-// Philox draws of elements index0 .. index0+count-1 (words of whole counters computed once each).
-inline void philox_draws(uint32_t* __restrict draws, uint64_t index0, int64_t count, const PhiloxKeys& keys) {
-  int64_t i = 0;
-  for (; i < count && ((index0 + uint64_t(i)) & (kPhiloxBlock - 1)); ++i) draws[i] = philox_draw(index0 + i, keys);
-  for (; i + kPhiloxBlock <= count; i += kPhiloxBlock) {
-    const uint64_t first = ((index0 + uint64_t(i)) >> 6) * 16;
-    for (int lane = 0; lane < 16; ++lane) {
-      const uint64_t counter = first + uint64_t(lane);
-      uint32_t words[4] = {uint32_t(counter), uint32_t(counter >> 32), 0u, 0u};
-      philox4x32(words, keys);
-      for (int word = 0; word < 4; ++word) draws[i + 16 * word + lane] = words[word];
-    }
-  }
-  for (; i < count; ++i) draws[i] = philox_draw(index0 + i, keys);
-}
-
 // DELLA's MagPrune (reference.della_deltas): within each row, the delta of ascending magnitude rank
 // r (ties by position) is kept with probability p = (density - epsilon) + r / (row_length - 1) * 2 *
 // epsilon, by the Philox draw of its flat index; out = kept ? delta * scale : 0. Adds sum |delta|

@@ -1,4 +1,4 @@
-"""`dtm bench merge|train`: each benchmark module defines configure(parser) and run(args) -> int and
+"""`dtm bench merge|train|kernels`: each benchmark module defines configure(parser) and run(args) -> int and
 keeps its heavy imports inside run()."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import importlib
 BENCHMARKS = [
     ("merge", "dtm_fast.bench.merge", "merge throughput and peak memory against mergekit and the I/O floor"),
     ("train", "dtm_fast.bench.train", "training tokens/s and packing efficiency against transformers' Trainer"),
+    ("kernels", "dtm_fast.bench.kernels", "the chunk operations alone, per backend and instruction set, in GB/s"),
 ]
 
 

@@ -4,7 +4,7 @@ from the `disperse:` section of dtm.yaml (`DisperseConfig.from_dict`), or direct
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 from dtm_fast import checks
@@ -95,20 +95,12 @@ class DisperseConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "DisperseConfig":
-        if not isinstance(values, Mapping):
-            raise DtmError(f"disperse: expected a mapping of keys to values, got {values!r}")
-        known = {item.name for item in fields(cls)}
-        unknown = sorted(repr(key) for key in set(values) - known)
-        if unknown:
-            raise DtmError(f"disperse: unknown config key(s) {', '.join(unknown)}; "
-                           f"known keys are {', '.join(sorted(known))}")
-        values = dict(values)
-        if "inputs" in values and isinstance(values["inputs"], str):
-            values["inputs"] = (values["inputs"],)
-        try:
-            return cls(**values)
-        except TypeError as error:  # a missing required key
-            raise DtmError(f"disperse: {error}") from None
+        def one_input_as_a_list(values: dict) -> dict:
+            if "inputs" in values and isinstance(values["inputs"], str):
+                values["inputs"] = (values["inputs"],)
+            return values
+
+        return checks.config_from_mapping(cls, values, "disperse", one_input_as_a_list)
 
     def parameters(self) -> dict[str, Any]:
         """What decides the portions (recorded in the manifest); operational fields left out, and the

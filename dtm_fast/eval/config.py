@@ -162,16 +162,7 @@ class EvalConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "EvalConfig":
-        if not isinstance(values, Mapping):
-            raise DtmError(f"eval: expected a mapping of keys to values, got {values!r}")
-        known = {item.name for item in fields(cls)}
-        unknown = sorted(repr(key) for key in set(values) - known)
-        if unknown:
-            raise DtmError(f"eval: unknown config key(s) {', '.join(unknown)}; known keys are {', '.join(sorted(known))}")
-        try:
-            return cls(**values)
-        except TypeError as error:  # a missing required key
-            raise DtmError(f"eval: {error}") from None
+        return checks.config_from_mapping(cls, values, "eval")
 
     @property
     def base(self) -> ModelSpec | None:

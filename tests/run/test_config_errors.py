@@ -64,3 +64,10 @@ def test_stage_options_are_checked(assets, capsys):
     err = capsys.readouterr().err
     assert "--stage finish: disperse, sub-0, sub-1, vanilla not current yet" in err
     assert "[dtm run]" not in err  # nothing ran
+
+
+@pytest.mark.parametrize("field,value", [("base_model", "\n"), ("data", ["data.jsonl", "x\tb.jsonl"]),
+                                         ("run_dir", "runs/\r")])
+def test_a_path_with_a_control_character_is_refused_on_one_line(assets, field, value):
+    message = error_of(assets, **{field: value})
+    assert "control character" in message and "\n" not in message and "\t" not in message

@@ -14,12 +14,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def load_script():
-    import importlib.util
+    import importlib
 
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("dtm_fast.bench.gpu_check")
 
 
 def test_ulp_difference_counts_units_in_the_last_place():
@@ -36,7 +33,7 @@ def test_ulp_difference_counts_units_in_the_last_place():
 
 @pytest.mark.slow
 def test_cpu_dry_run_runs_every_step_and_writes_the_reports(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), str(tmp_path), "--cpu-dry-run"],
+    result = subprocess.run([sys.executable, "-m", "dtm_fast.bench.gpu_check", str(tmp_path), "--cpu-dry-run"],
                             capture_output=True, text=True, timeout=900, cwd=REPO,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

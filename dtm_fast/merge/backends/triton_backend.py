@@ -6,7 +6,7 @@ in the steady state), runs one kernel on the backend's own CUDA stream, copies t
 synchronises before returning; meanwhile the engine's reader thread reads the next chunk from disk.
 
 Under TRITON_INTERPRET=1 the same code runs the kernels on CPU tensors through Triton's interpreter:
-that is how the kernels are tested on machines without a GPU (tests/triton). Kernels live in
+that is how the kernels are tested on machines without a GPU (tests/backends). Kernels live in
 `triton_kernels.py`; the reference backend (`reference.py`) is their specification.
 """
 

@@ -1,4 +1,5 @@
-"""How the Triton backend reports whether it can run, in the main (non-interpreter) pytest process."""
+"""How the Triton backend reports whether it can run (main pytest process), and its contract under
+the interpreter (TRITON_INTERPRET=1 process)."""
 
 import os
 import subprocess
@@ -39,3 +40,17 @@ def test_missing_triton_is_reported(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
     assert "pip install" in triton_backend.unavailable_reason()
+
+
+@pytest.mark.triton_interpret
+def test_backend_contract_under_the_interpreter():
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported")
+    from dtm_fast.merge.backends import select_backend, triton_backend
+
+    assert triton_backend.unavailable_reason() is None
+    backend = select_backend("triton")
+    assert backend.name == "triton"
+    assert backend.wants_pinned_buffers is False  # nothing is copied to a GPU
+    assert backend.workspace_bytes_per_element(4) > 0

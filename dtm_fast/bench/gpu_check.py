@@ -1,11 +1,13 @@
 """The GPU check: everything of dtm_fast that only a GPU runs, in minutes, with one report.
 
-    make gpu-check OUT=bench/results/gpu-check            # on a CUDA machine (< 8 min on one H100/H200)
-    python bench/gpu_check.py OUT_DIR [--cpu-dry-run]      # the same; --cpu-dry-run: tiny sizes on CPU
+    make gpu-check OUT=bench/results/gpu-check                  # on a CUDA machine (< 8 min on one H100/H200)
+    python -m dtm_fast.bench.gpu_check OUT_DIR [--cpu-dry-run]  # the same; --cpu-dry-run: tiny sizes on CPU
+
+It runs from a checkout of the repository (its first step runs the repository's GPU tests).
 
 Steps, each in its own process (so one step's GPU memory or TRITON_INTERPRET never reaches the
 next) and each recorded even when it fails:
-    gpu-tests      the GPU-marked tests (tests/train/test_gpu.py, tests/triton), pass/fail/skip counts
+    gpu-tests      the GPU-marked tests (tests/train/test_gpu.py, tests/backends), pass/fail/skip counts
     triton-merge   the Triton merge against the reference backend on the bench preset (default:
                    issue 3's 1.32 GB Llama, base + 4 fine-tunes): exactness per method (bit-identical
                    tensors, worst difference in units of the output's last place), and its GB/s of
@@ -31,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the checkout: dtm_fast/bench/gpu_check.py
 STEPS = ("gpu-tests", "triton-merge", "full-finetune", "lora")
 STEP_TIMEOUT_S = {"gpu-tests": 150, "triton-merge": 300, "full-finetune": 180, "lora": 150}
 MERGE_METHODS = ("linear", "ties")
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_step(step: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), str(args.output), "--step", step, "--preset", args.preset]
+    command = [sys.executable, "-m", "dtm_fast.bench.gpu_check", str(args.output), "--step", step, "--preset", args.preset]
     if args.cpu_dry_run:
         command.append("--cpu-dry-run")
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -117,7 +119,7 @@ def step_gpu_tests(work: Path, args: argparse.Namespace) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     report = work / "junit.xml"
     command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", f"--junitxml={report}",
-               "tests/train/test_gpu.py", "tests/triton"]
+               "tests/train/test_gpu.py", "tests/backends"]
     completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     suite = ElementTree.parse(report).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
