@@ -75,25 +75,23 @@ def _emit_json(record: dict[str, Any]) -> None:
 
 
 def info(message: str) -> None:
-    if not _is_rank_zero():
-        return
-    if mode() == "json":
-        _emit_json({"event": "info", "message": message})
-    elif mode() == "rich":
-        _rich_console().print(message, highlight=False)
-    else:
-        print(message, file=_stderr(), flush=True)
+    _say(message, "info", "", "")
 
 
 def warn(message: str) -> None:
+    _say(message, "warning", "warning: ", "[yellow]warning:[/yellow] ")
+
+
+def _say(message: str, event: str, plain_prefix: str, rich_prefix: str) -> None:
+    """One message on rank 0, in the output mode's form: a JSON event, rich text or a plain line."""
     if not _is_rank_zero():
         return
     if mode() == "json":
-        _emit_json({"event": "warning", "message": message})
+        _emit_json({"event": event, "message": message})
     elif mode() == "rich":
-        _rich_console().print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+        _rich_console().print(f"{rich_prefix}{message}", highlight=False)
     else:
-        print(f"warning: {message}", file=_stderr(), flush=True)
+        print(f"{plain_prefix}{message}", file=_stderr(), flush=True)
 
 
 def format_bytes(count: float) -> str:
