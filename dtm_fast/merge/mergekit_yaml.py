@@ -6,8 +6,9 @@ Read as mergekit reads them: `models` (each `model` + optional `parameters`), `m
 linear, an ordinary input that mergekit adds to the models), `parameters` (a per-model parameter
 given here applies to every model; a conditional whose filters match no tensor falls back to the
 level above), `dtype` / `out_dtype` (computation is always fp32; these set the output dtype),
-`tokenizer_source` (base, or a model whose tokenizer is copied), `chat_template` (auto, a named
-template or Jinja text), and `slices` when one slice covers every layer of every model. Parameters
+`tokenizer_source` (union, base or a model) and `tokenizer` (source, per-token embedding sources,
+pad_to_multiple_of): the output vocabulary and each input's embedding rows over it, as mergekit
+builds them (merge/vocab.py), `chat_template` (auto, a named template or Jinja text), and `slices`. Parameters
 a method does not use are ignored with a warning naming them (mergekit ignores them silently).
 Anything else that would change the result is refused by name, never silently ignored.
 """
@@ -22,11 +23,11 @@ from dtm_fast.merge.config import MergeConfig
 from dtm_fast.merge.model_refs import resolve_model, resolve_reference
 
 TOP_LEVEL_KEYS = {"models", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
-                  "slices", "chat_template"}
+                  "tokenizer", "slices", "chat_template"}
 NOT_YET = {  # mergekit keys dtm does not read (yet), and what to do instead
     "modules": "give the merge as `models` (one merge of every module)",
-    "tokenizer": "merge models that share one vocabulary (tokenizer_source: base or a model)",
 }
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what transformers needs to load a tokenizer
 MERGE_ONLY_PARAMETERS = {"int8_mask"}  # mergekit memory options with no effect on the result
 
 
@@ -165,6 +166,29 @@ def _model_entries(raw_models: Any, base: Path | None, method, path: Path, where
     return models
 
 
+def _tokenizer(document: dict, base: Path | None, inputs: list[Path], config_dir: Path, where: str):
+    """(TokenizerSpec or None, directory whose tokenizer files are copied or None). `tokenizer:`
+    wins over `tokenizer_source` (as in mergekit). base / a model with every input's tokenizer
+    loadable is mergekit's vocabulary alignment; without loadable tokenizers it is a plain copy of
+    that model's files (the same result where the vocabularies agree; the merge refuses otherwise)."""
+    from dtm_fast.merge.vocab import SOURCE_BASE, TokenizerSpec, read_source, read_tokenizer_spec
+
+    def resolve(name: str, at: str) -> Path:
+        return resolve_model(name, config_dir, at)
+
+    if document.get("tokenizer") is not None:
+        return read_tokenizer_spec(document["tokenizer"], resolve, base, where), None
+    value = document.get("tokenizer_source")
+    if value is None:
+        return None, None
+    source = read_source(value, resolve, f"{where}: tokenizer_source")
+    directories = inputs + ([source] if isinstance(source, Path) else [])
+    loadable = all(any((p / name).is_file() for name in TOKENIZER_FILES) for p in directories)
+    if source == "union" or loadable:
+        return TokenizerSpec(source, (), None, base), None
+    return None, None if source == SOURCE_BASE else source
+
+
 def load_mergekit_yaml(path: Path, output: Path, **options) -> MergeConfig:
     """Build a MergeConfig from a mergekit YAML file; `options` are the CLI's run options
     (max_memory, backend, resume, ...)."""
@@ -189,6 +213,7 @@ def load_mergekit_yaml(path: Path, output: Path, **options) -> MergeConfig:
     method = METHODS[method_name]
     base = resolve_model(document["base_model"], path.parent, f"{where}: base_model") \
         if document.get("base_model") else None
+    declared_base = base  # mergekit's tokenizer base, even for a method that merges it as an input
     if "slices" in document and "models" in document:
         raise DtmError(f"{where}: give either 'models' or 'slices', not both")
     ignored: list[str] = []
@@ -220,15 +245,10 @@ def load_mergekit_yaml(path: Path, output: Path, **options) -> MergeConfig:
         ui.warn(f"{where}: {method_name} does not use, and ignores: {', '.join(ignored)}")
     if method_name in ("dare_linear", "dare_ties") and "rescale" not in merge_parameters:
         merge_parameters["rescale"] = "l1"  # mergekit's default for DARE: match each delta's L1 norm
-    tokenizer_source = document.get("tokenizer_source")
-    tokenizer_path = None
-    if tokenizer_source not in (None, "base"):
-        if tokenizer_source == "union":
-            raise DtmError(f"{where}: tokenizer_source union (a merged vocabulary) is not supported by dtm merge "
-                           "yet; merge models that share one vocabulary (tokenizer_source: base or a model)")
-        tokenizer_path = resolve_model(tokenizer_source, path.parent, f"{where}: tokenizer_source")
+    inputs = ([base] if base is not None else []) + [m["path"] for m in models]
+    tokenizer_spec, tokenizer_path = _tokenizer(document, declared_base, inputs, path.parent, where)
     values = {"method": method_name, "models": models, "output": output, "base": base, "slices": slice_specs,
               "parameters": merge_parameters, "dtype": document.get("out_dtype") or document.get("dtype"),
-              "tokenizer_source": tokenizer_path, "chat_template": document.get("chat_template"),
+              "tokenizer_source": tokenizer_path, "tokenizer": tokenizer_spec, "chat_template": document.get("chat_template"),
               "mergekit_config": read_text(path, "mergekit config")}
     return MergeConfig.from_dict({**values, **options}, source=where)
