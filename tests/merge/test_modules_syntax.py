@@ -5,29 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from conftest import load_state, run_mergekit
 from dtm_fast.cli import main as dtm
-
-
-def both(text: str, tmp_path: Path) -> tuple[dict, dict]:
-    config = tmp_path / "merge.yml"
-    config.write_text(text)
-    run_mergekit(config, tmp_path / "mergekit")
-    assert dtm(["merge", str(config), str(tmp_path / "dtm"), "--quiet"]) == 0
-    return load_state(tmp_path / "mergekit"), load_state(tmp_path / "dtm")
-
-
-def assert_same(theirs: dict, ours: dict) -> None:
-    assert theirs.keys() == ours.keys()
-    for name in ours:
-        torch.testing.assert_close(ours[name], theirs[name], rtol=2e-6, atol=2e-7, msg=name)
+from test_mergekit_configs import assert_same, both
 
 
 def test_default_module_with_models_and_its_own_parameters(llama_family, tmp_path):
     p = llama_family["fp32"]
-    theirs, ours = both(f"merge_method: task_arithmetic\nbase_model: {p['base']}\nparameters: {{weight: 0.3}}\n"
+    theirs, ours, _ = both(f"merge_method: task_arithmetic\nbase_model: {p['base']}\nparameters: {{weight: 0.3}}\n"
                         "modules:\n  default:\n    parameters: {weight: 0.9}\n    models:\n"
                         f"      - model: {p['m0']}\n      - model: {p['m1']}\n        parameters: {{weight: 0.5}}\n"
                         "dtype: float32\n", tmp_path)
@@ -36,7 +20,7 @@ def test_default_module_with_models_and_its_own_parameters(llama_family, tmp_pat
 
 def test_default_module_with_slices_and_a_slice_base(llama_family, tmp_path):
     p = llama_family["fp32"]
-    theirs, ours = both("merge_method: ties\nparameters: {density: 0.6}\nmodules:\n  default:\n    slices:\n"
+    theirs, ours, _ = both("merge_method: ties\nparameters: {density: 0.6}\nmodules:\n  default:\n    slices:\n"
                         f"      - base_model: {p['base']}\n        sources:\n"
                         f"          - model: {p['m0']}\n            layer_range: [0, 2]\n            parameters: {{weight: 1.0}}\n"
                         f"          - model: {p['m1']}\n            layer_range: [0, 2]\n            parameters: {{weight: 0.5}}\n"
@@ -66,3 +50,13 @@ def test_modules_that_cannot_apply_are_refused(llama_family, tmp_path, capsys):
                      for i, b in enumerate(("base", "m2")))
     error = refused(f"merge_method: task_arithmetic\nslices:\n{slices}", tmp_path, capsys)
     assert "different base models" in error
+
+
+def test_residual_weight_is_ignored_and_named(llama_family, tmp_path, capsys):
+    p = llama_family["fp32"]
+    config = tmp_path / "merge.yml"
+    config.write_text("merge_method: linear\nslices:\n  - residual_weight: 0.5\n    sources:\n"
+                      f"      - model: {p['m0']}\n        layer_range: [0, 2]\n"
+                      f"      - model: {p['m1']}\n        layer_range: [0, 2]\n")
+    assert dtm(["merge", str(config), str(tmp_path / "out"), "--quiet"]) == 0
+    assert "residual_weight (slices[0]" in capsys.readouterr().err
