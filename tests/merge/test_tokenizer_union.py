@@ -176,3 +176,12 @@ def test_cache_of_aligned_embeddings_is_removed(vocab_family, tmp_path):
     assert dtm(["merge", str(config), str(tmp_path / "out"), "--quiet"]) == 0
     assert not (tmp_path / "out.dtm-cache").exists()
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == len(by_token(tmp_path / "out"))
+
+
+def test_union_with_slices(vocab_family, tmp_path):
+    p = vocab_family
+    slices = "".join(f"  - sources:\n      - model: {p['m0']}\n        layer_range: [{i}, {i + 1}]\n"
+                     f"      - model: {p['m1']}\n        layer_range: [{i}, {i + 1}]\n" for i in range(2))
+    theirs, ours = run_both(f"merge_method: linear\nbase_model: {p['base']}\nparameters: {{weight: 1.0}}\n"
+                            f"slices:\n{slices}tokenizer_source: union\ndtype: float32\n", tmp_path)
+    assert_same_as_mergekit(theirs, ours)
