@@ -12,13 +12,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from dtm_fast.errors import DtmError
 from dtm_fast.io.dtypes import NAME_TO_TAG as DTYPE_NAMES  # user-facing name -> safetensors tag
 from dtm_fast.merge.budget import DEFAULT_MAX_MEMORY  # the one default budget
 from dtm_fast.merge.methods.base import REQUIRED, MergeMethod, Param, TensorParams
 from dtm_fast.merge.slice_spec import SliceSpec
+
+if TYPE_CHECKING:
+    from dtm_fast.merge.vocab import TokenizerSpec
 
 LORA_MODES = ("exact-concat", "materialize", "factor-average")
 BACKENDS = ("auto", "reference", "cpu", "triton")
@@ -89,6 +92,7 @@ class MergeConfig:
     copy_tokenizer: bool = True
     tokenizer_source: Path | None = None  # the model directory whose tokenizer is copied (None: base or first)
     chat_template: str | None = None  # auto, a template name or Jinja text, set on the copied tokenizer
+    tokenizer: "TokenizerSpec | None" = None  # an output vocabulary built from the models' (merge/vocab.py)
     write_model_card: bool = False  # README.md with the config and provenance
     mergekit_config: str | None = None  # the config as given (YAML text), written as mergekit_config.yml
     slices: tuple[SliceSpec, ...] | None = None  # mergekit slices: the output's layers, slice by slice
@@ -203,6 +207,12 @@ class MergeConfig:
                                               all(isinstance(v, SliceSpec) for v in value)):
                     raise DtmError(f"{where}: expected slices as read from a mergekit config")
                 settings[name] = tuple(value) if value is not None else None
+            elif name == "tokenizer":
+                from dtm_fast.merge.vocab import TokenizerSpec
+
+                if value is not None and not isinstance(value, TokenizerSpec):
+                    raise DtmError(f"{where}: expected a tokenizer setting as read from a mergekit config")
+                settings[name] = value
             elif name == "max_shard_parameters":
                 if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                     raise DtmError(f"{where}: expected a positive whole number of parameters, got {value!r}")

@@ -212,9 +212,12 @@ def finalize(config: MergeConfig, inputs: Inputs, source: MergeSource, partial: 
 
 
 def remove_pickle_cache(cache: Path) -> None:
-    """The safetensors copies dtm made of pickle inputs (io/checkpoint.py), and nothing else there."""
+    """The safetensors copies dtm made of pickle inputs (io/checkpoint.py) and the vocabulary-aligned
+    embeddings (merge/vocab_align.py), and nothing else there."""
     if not cache.is_dir():
         return
+    for aligned in cache.glob("vocabulary-*.safetensors"):
+        aligned.unlink()
     for converted in cache.glob("pickle-*/part-*.safetensors"):
         converted.unlink()
     for directory in sorted(cache.glob("pickle-*"), reverse=True):

@@ -38,6 +38,13 @@ def open_inputs(config: MergeConfig, cache: Path) -> Inputs:
     models = tuple(open_checkpoint(m.path, config.allow_pickle, cache) for m in config.models)
     if base is not None and base.is_adapter:
         raise DtmError(f"{config.base}: the base must be a full model, not a LoRA adapter")
+    if config.tokenizer is not None:  # vocabulary tensors re-laid over the output vocabulary first
+        from dtm_fast.merge.vocab_align import align_vocabularies
+
+        if any(m.is_adapter for m in models) or any(m.adapter is not None for m in config.models):
+            raise DtmError(f"{config.source}: a tokenizer setting with LoRA adapters is not supported; merge the "
+                           "adapters into their models first, or drop tokenizer_source / tokenizer")
+        base, models = align_vocabularies(config.tokenizer, base, models, cache, config.max_memory, config.source)
     if any(m.is_adapter for m in models):
         return Inputs(base, models, ())  # adapters hold factors, not weights: merge/lora/adapters.py checks them
     adapters = tuple(open_checkpoint(m.adapter, False, cache) if m.adapter is not None else None

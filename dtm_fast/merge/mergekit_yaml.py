@@ -6,8 +6,11 @@ Read as mergekit reads them: `models` (each `model` + optional `parameters`), `m
 linear, an ordinary input that mergekit adds to the models), `parameters` (a per-model parameter
 given here applies to every model; a conditional whose filters match no tensor falls back to the
 level above), `dtype` / `out_dtype` (computation is always fp32; these set the output dtype),
-`tokenizer_source` (base, or a model whose tokenizer is copied), `chat_template` (auto, a named
-template or Jinja text), and `slices` when one slice covers every layer of every model. Parameters
+`tokenizer_source` (union, base or a model) and `tokenizer` (source, per-token embedding sources,
+pad_to_multiple_of): the output vocabulary and each input's embedding rows over it, as mergekit
+builds them (merge/vocab.py), `chat_template` (auto, a named template or Jinja text), `slices` (a
+slice's own base_model where it is the merge's one base), and `modules` with the one module of a
+causal LM, `default`. Parameters
 a method does not use are ignored with a warning naming them (mergekit ignores them silently).
 Anything else that would change the result is refused by name, never silently ignored.
 """
@@ -22,11 +25,8 @@ from dtm_fast.merge.config import MergeConfig
 from dtm_fast.merge.model_refs import resolve_model, resolve_reference
 
 TOP_LEVEL_KEYS = {"models", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
-                  "slices", "chat_template"}
-NOT_YET = {  # mergekit keys dtm does not read (yet), and what to do instead
-    "modules": "give the merge as `models` (one merge of every module)",
-    "tokenizer": "merge models that share one vocabulary (tokenizer_source: base or a model)",
-}
+                  "tokenizer", "slices", "chat_template", "modules"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what transformers needs to load a tokenizer
 MERGE_ONLY_PARAMETERS = {"int8_mask"}  # mergekit memory options with no effect on the result
 
 
@@ -72,9 +72,6 @@ def _read_slices(slices: Any, config_dir: Path, where: str) -> list[dict]:
         slice_where = f"{where}: slices[{number}]"
         if not isinstance(item, dict):
             raise DtmError(f"{slice_where}: expected a mapping with 'sources'")
-        if "base_model" in item or "residual_weight" in item:
-            raise DtmError(f"{slice_where}: a slice's own base_model / residual_weight is not supported yet; give "
-                           "base_model once at the top level")
         unknown = set(item) - {"sources", "parameters"}
         if unknown:
             raise DtmError(f"{slice_where}: unknown key(s) {sorted(map(str, unknown))} (a slice holds sources and "
@@ -165,6 +162,80 @@ def _model_entries(raw_models: Any, base: Path | None, method, path: Path, where
     return models
 
 
+def _module(document: dict, where: str) -> dict:
+    """mergekit's `modules:` for a causal LM: its one module, `default`, is the whole model, so its
+    models or slices are the merge's and its parameters sit between the slices' and the top level's."""
+    if "modules" not in document:
+        return document
+    modules = document["modules"]
+    if "models" in document or "slices" in document:
+        raise DtmError(f"{where}: give either 'modules' or 'models' / 'slices', not both")
+    if not isinstance(modules, dict) or set(modules) != {"default"}:
+        names = sorted(map(str, modules)) if isinstance(modules, dict) else modules
+        raise DtmError(f"{where}: modules {names!r}: dtm merges causal language models, whose one module is "
+                       "'default'; multi-module models (vision-language and the like) are not supported")
+    module = modules["default"]
+    if not isinstance(module, dict) or set(module) - {"models", "slices", "parameters"} \
+            or ("models" in module) == ("slices" in module):
+        raise DtmError(f"{where}: modules.default must hold either models or slices (and optionally parameters)")
+    result = {k: v for k, v in document.items() if k != "modules"}
+    result.update({k: v for k, v in module.items() if k != "parameters"})
+    if module.get("parameters") is not None:
+        result["parameters"] = {**_parameters(document.get("parameters"), where),
+                                **_parameters(module["parameters"], f"{where}: modules.default")}
+    return result
+
+
+def _slice_bases(document: dict, config_dir: Path, where: str, ignored: list[str]) -> dict:
+    """A slice's own base_model, accepted where it is the merge's one base (dtm has a single base
+    per merge); residual_weight, which mergekit reads but never uses, is ignored and named."""
+    slices = document.get("slices")
+    if not isinstance(slices, list):
+        return document
+    bases = {}
+    for number, item in enumerate(slices):
+        if isinstance(item, dict) and item.get("base_model") is not None:
+            at = f"{where}: slices[{number}].base_model"
+            bases[resolve_model(item["base_model"], config_dir, at).resolve()] = item["base_model"]
+        if isinstance(item, dict) and "residual_weight" in item:
+            ignored.append(f"residual_weight (slices[{number}], unused by mergekit too)")
+    top = document.get("base_model")
+    if top is not None:
+        bases.setdefault(resolve_model(top, config_dir, f"{where}: base_model").resolve(), top)
+    if len(bases) > 1:
+        raise DtmError(f"{where}: the slices name different base models ({', '.join(map(str, bases.values()))}); "
+                       "dtm merges with one base, so give the same base_model to every slice")
+    result = dict(document)
+    result["slices"] = [{k: v for k, v in item.items() if k not in ("base_model", "residual_weight")}
+                        if isinstance(item, dict) else item for item in slices]
+    if bases and top is None:
+        result["base_model"] = next(iter(bases.values()))
+    return result
+
+
+def _tokenizer(document: dict, base: Path | None, inputs: list[Path], config_dir: Path, where: str):
+    """(TokenizerSpec or None, directory whose tokenizer files are copied or None). `tokenizer:`
+    wins over `tokenizer_source` (as in mergekit). base / a model with every input's tokenizer
+    loadable is mergekit's vocabulary alignment; without loadable tokenizers it is a plain copy of
+    that model's files (the same result where the vocabularies agree; the merge refuses otherwise)."""
+    from dtm_fast.merge.vocab import SOURCE_BASE, TokenizerSpec, read_source, read_tokenizer_spec
+
+    def resolve(name: str, at: str) -> Path:
+        return resolve_model(name, config_dir, at)
+
+    if document.get("tokenizer") is not None:
+        return read_tokenizer_spec(document["tokenizer"], resolve, base, where), None
+    value = document.get("tokenizer_source")
+    if value is None:
+        return None, None
+    source = read_source(value, resolve, f"{where}: tokenizer_source")
+    directories = inputs + ([source] if isinstance(source, Path) else [])
+    loadable = all(any((p / name).is_file() for name in TOKENIZER_FILES) for p in directories)
+    if source == "union" or loadable:
+        return TokenizerSpec(source, (), None, base), None
+    return None, None if source == SOURCE_BASE else source
+
+
 def load_mergekit_yaml(path: Path, output: Path, **options) -> MergeConfig:
     """Build a MergeConfig from a mergekit YAML file; `options` are the CLI's run options
     (max_memory, backend, resume, ...)."""
@@ -176,9 +247,8 @@ def load_mergekit_yaml(path: Path, output: Path, **options) -> MergeConfig:
     if not isinstance(document, dict):
         raise DtmError(f"{path}: expected a mapping at the top level")
     where = str(path)
-    for key, advice in NOT_YET.items():
-        if key in document:
-            raise DtmError(f"{where}: mergekit's '{key}' is not supported by dtm merge yet; {advice}")
+    ignored: list[str] = []
+    document = _slice_bases(_module(document, where), path.parent, where, ignored)
     unknown = sorted(str(key) for key in set(document) - TOP_LEVEL_KEYS)
     if unknown:
         raise DtmError(f"{where}: mergekit option(s) {', '.join(unknown)} not supported by dtm merge; remove them "
@@ -189,9 +259,9 @@ def load_mergekit_yaml(path: Path, output: Path, **options) -> MergeConfig:
     method = METHODS[method_name]
     base = resolve_model(document["base_model"], path.parent, f"{where}: base_model") \
         if document.get("base_model") else None
+    declared_base = base  # mergekit's tokenizer base, even for a method that merges it as an input
     if "slices" in document and "models" in document:
         raise DtmError(f"{where}: give either 'models' or 'slices', not both")
-    ignored: list[str] = []
     merge_parameters = _parameters(document.get("parameters"), where)
     slice_specs = None
     if "slices" in document:
@@ -220,15 +290,10 @@ def load_mergekit_yaml(path: Path, output: Path, **options) -> MergeConfig:
         ui.warn(f"{where}: {method_name} does not use, and ignores: {', '.join(ignored)}")
     if method_name in ("dare_linear", "dare_ties") and "rescale" not in merge_parameters:
         merge_parameters["rescale"] = "l1"  # mergekit's default for DARE: match each delta's L1 norm
-    tokenizer_source = document.get("tokenizer_source")
-    tokenizer_path = None
-    if tokenizer_source not in (None, "base"):
-        if tokenizer_source == "union":
-            raise DtmError(f"{where}: tokenizer_source union (a merged vocabulary) is not supported by dtm merge "
-                           "yet; merge models that share one vocabulary (tokenizer_source: base or a model)")
-        tokenizer_path = resolve_model(tokenizer_source, path.parent, f"{where}: tokenizer_source")
+    inputs = ([base] if base is not None else []) + [m["path"] for m in models]
+    tokenizer_spec, tokenizer_path = _tokenizer(document, declared_base, inputs, path.parent, where)
     values = {"method": method_name, "models": models, "output": output, "base": base, "slices": slice_specs,
               "parameters": merge_parameters, "dtype": document.get("out_dtype") or document.get("dtype"),
-              "tokenizer_source": tokenizer_path, "chat_template": document.get("chat_template"),
+              "tokenizer_source": tokenizer_path, "tokenizer": tokenizer_spec, "chat_template": document.get("chat_template"),
               "mergekit_config": read_text(path, "mergekit config")}
     return MergeConfig.from_dict({**values, **options}, source=where)

@@ -27,27 +27,35 @@ MODEL_CARD = "README.md"
 def write_side_files(config: "MergeConfig", partial: Path, dtype_name: str | None,
                      config_updates: dict | None = None) -> list[str]:
     """Copy and write the side files into `partial` (config.json with the output dtype and
-    `config_updates`); returns the names copied from inputs."""
+    `config_updates`); returns the names copied from inputs (or written from the built vocabulary)."""
     from dtm_fast.io.checkpoint import load_json_object
 
     model_source = Path(config.base if config.base is not None else config.models[0].path)
+    vocabulary = _vocabulary(config) if config.tokenizer is not None else None
     copied = []
     for name in MODEL_FILES:
         path = model_source / name
         if not model_source.is_dir() or not path.is_file():
             continue
-        if name == "config.json" and (dtype_name is not None or config_updates):
+        if name == "config.json" and (dtype_name is not None or config_updates or vocabulary is not None):
             values = load_json_object(path)
             if dtype_name is not None:
                 values["torch_dtype"] = dtype_name
                 if "dtype" in values:
                     values["dtype"] = dtype_name
             values.update(config_updates or {})
+            if vocabulary is not None:  # the rows the merged embeddings have
+                values["vocab_size"] = vocabulary.size
             write_json(partial / name, values)  # dtm's own file now, describing what it holds
         else:
             shutil.copy2(path, partial / name)
         copied.append(name)
-    if config.copy_tokenizer:
+    if vocabulary is not None:  # the built vocabulary's tokenizer, as mergekit saves it
+        vocabulary.tokenizer.save_pretrained(str(partial))
+        copied += [name for name in TOKENIZER_FILES if (partial / name).is_file()]
+        if config.chat_template is not None:
+            set_chat_template(partial, resolve_chat_template(config))
+    elif config.copy_tokenizer:
         tokenizer_source = Path(config.tokenizer_source) if config.tokenizer_source is not None else model_source
         for name in TOKENIZER_FILES:
             if tokenizer_source.is_dir() and (tokenizer_source / name).is_file():
@@ -57,6 +65,14 @@ def write_side_files(config: "MergeConfig", partial: Path, dtype_name: str | Non
             set_chat_template(partial, resolve_chat_template(config))
     write_text(partial / MERGEKIT_CONFIG, config.mergekit_config or mergekit_document(config))
     return copied
+
+
+def _vocabulary(config: "MergeConfig"):
+    """The output vocabulary, built again from the tokenizers (deterministic, and cheap beside a merge)."""
+    from dtm_fast.merge.vocab import build_vocabulary
+
+    paths = ([config.base] if config.base is not None else []) + [m.path for m in config.models]
+    return build_vocabulary(config.tokenizer, [Path(p) for p in paths], config.source)
 
 
 def resolve_chat_template(config: "MergeConfig") -> str:

@@ -108,7 +108,7 @@ class SlicedSource(CheckpointSource):
             method.check_params(params, f"{self.config.source}: tensor {name!r}")
 
     def fingerprint_fields(self) -> dict:
-        return {"slices": [spec.describe() for spec in self.config.slices]}
+        return {**super().fingerprint_fields(), "slices": [spec.describe() for spec in self.config.slices]}
 
     def provenance_fields(self) -> dict:
         return {"slices": [spec.describe() for spec in self.config.slices], "output_layers": self.output_layers}

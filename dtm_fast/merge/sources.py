@@ -60,7 +60,8 @@ class MergeSource(ABC):
             method.check_params(params, f"{self.config.source}: tensor {name!r}")
 
     def fingerprint_fields(self) -> dict:
-        return {}
+        tokenizer = self.config.tokenizer  # the vocabulary changes the embedding rows (merge/vocab.py)
+        return {"tokenizer": repr(tokenizer)} if tokenizer is not None else {}
 
     def provenance_fields(self) -> dict:
         return {}

@@ -95,7 +95,8 @@ dtype: float32
     ("[{sources: [{model: M0, layer_range: [0, 3]}]}]", "goes past the 2 layers"),
     ("[{sources: [{model: M0, layer_range: [0, 2]}, {model: M1, layer_range: [0, 1]}]}]", "same number of layers"),
     ("[{sources: [{model: M0, layer_range: [1, 1]}]}]", "0 <= first < end"),
-    ("[{sources: [{model: M0, layer_range: [0, 1]}], residual_weight: 0.5}]", "residual_weight"),
+    # residual_weight is accepted and ignored now, as mergekit never uses it (test_modules_syntax.py)
+    ("[{sources: [{model: M0, layer_range: [0, 1], colour: 1}]}]", "'colour'"),
 ])
 def test_bad_slices_are_one_line_errors(llama_family, tmp_path, capsys, slices, expected):
     paths = llama_family["fp32"]
