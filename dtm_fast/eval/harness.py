@@ -117,6 +117,10 @@ def hflm_arguments(config: EvalConfig) -> dict[str, Any]:
 def load_model(spec: ModelSpec, config: EvalConfig, sub_paths: list[str] | None = None):
     """The lm_eval model object for one ModelSpec (sub_paths: the ensemble's members)."""
     backend = choose_backend(config.backend, config.device, sub_paths is not None)
+    if config.device == "cpu":
+        from dtm_fast.threads import configure_cpu_threads
+
+        configure_cpu_threads()
     if sub_paths is not None:
         from dtm_fast.eval.ensemble import LogitEnsembleLM
 
@@ -128,13 +132,14 @@ def load_model(spec: ModelSpec, config: EvalConfig, sub_paths: list[str] | None 
             return VLLM(pretrained=spec.base, lora_local_path=spec.path, batch_size=config.batch_size,
                         dtype=config.dtype, enable_lora=True)
         return VLLM(pretrained=spec.path, batch_size=config.batch_size, dtype=config.dtype)
-    from lm_eval.models.huggingface import HFLM
+    from dtm_fast.eval.continuation_lm import ContinuationLM
 
     try:
         if is_adapter(spec.path):
             model, tokenizer = _adapter_on_base(spec, config)
-            return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, device=config.device)
-        return HFLM(pretrained=spec.path, **hflm_arguments(config))
+            return ContinuationLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size,
+                                  device=config.device)
+        return ContinuationLM(pretrained=spec.path, **hflm_arguments(config))
     except (OSError, ValueError) as error:  # missing files, or a name that is neither a directory nor a hub id
         raise DtmError(f"{spec.path}: cannot load a model from it ({error})") from None
 

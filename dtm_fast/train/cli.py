@@ -131,7 +131,9 @@ def run(args: argparse.Namespace) -> int:
     overrides = {key: parse_value(value) for key, value in _override_texts(args).items()}
     config = load_config(_config_path(args), overrides)
     ui.configure(json_output=args.json, quiet=args.quiet)
+    from dtm_fast.threads import configure_cpu_threads
     from dtm_fast.train.loop import train
 
+    configure_cpu_threads()  # torchrun sets OMP_NUM_THREADS=1 for several ranks, which this respects
     train(config)
     return 0
