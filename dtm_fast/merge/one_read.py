@@ -141,49 +141,60 @@ def merge_bands(stream, bands: list[Band | None], keep_all_ties: bool, make_spec
                 search.in_range += in_range
             backend.gta(chunk.out, chunk.base, chunk.models, spec, chunk.start)
             kept.add(chunk.start, local, chunk.inputs_raw)
-        keys = exact_keys(kept, dtypes, searches)
-        if keys is None:
-            return False
-        rules = final_rules(kept, dtypes, bands, keep_all_ties, keys)
-        stream.io.flush()  # the provisional output is on file before it is patched
-        return patch_undecided(stream, kept, dtypes, rules, make_spec)
+            if chunk.start + chunk.count == numel:  # the last chunk: its output is still in memory
+                keys = exact_keys(kept, dtypes, searches)
+                if keys is None:
+                    return False
+                rules = final_rules(kept, dtypes, bands, keep_all_ties, keys)
+                stream.io.flush()  # the earlier chunks' provisional output is on file before it is patched
+                if not patch_undecided(stream, kept, dtypes, rules, make_spec, chunk):
+                    return False
+        return True
     finally:
         kept.close()
 
 
-def deltas(arrays: list[np.ndarray], dtypes: list[str], model: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fp32 base, |x - b| keys of model `model`) of a kept-aside part."""
+def model_keys(arrays: list[np.ndarray], dtypes: list[str], models) -> dict[int, np.ndarray]:
+    """|x - b| keys (uint32) of the given models on a kept-aside part."""
     base = widen(arrays[0], dtypes[0])
-    delta = widen(arrays[1 + model], dtypes[1 + model]) - base
-    return base, np.abs(delta).view(np.uint32)
+    return {model: np.abs(widen(arrays[1 + model], dtypes[1 + model]) - base).view(np.uint32) for model in models}
 
 
 def exact_keys(kept: KeptAside, dtypes: list[str], searches: list[Search]) -> dict | None:
     """(model, rank) -> RankedKey for every search, by a radix select over the kept-aside keys
-    inside each bracket; None when a bracket missed its rank."""
-    for search in searches:
-        if not 1 <= search.rank - search.above <= search.in_range:
-            return None
-    high = [np.zeros(BINS, dtype=np.int64) for _ in searches]
-    for _, arrays in kept.parts():
-        for search, histogram in zip(searches, high):
-            key = deltas(arrays, dtypes, search.model)[1]
-            key = key[(key >= search.low) & (key <= search.high)]
-            histogram += np.bincount(key >> 16, minlength=BINS)
-    located = []
-    for search, histogram in zip(searches, high):
-        bucket, above = _from_top(histogram, search.rank - search.above)
-        located.append((bucket, search.rank - search.above - above, np.zeros(BINS, dtype=np.int64)))
-    for _, arrays in kept.parts():
-        for search, (bucket, _, low) in zip(searches, located):
-            key = deltas(arrays, dtypes, search.model)[1]
-            key = key[(key >= search.low) & (key <= search.high) & ((key >> 16) == bucket)]
-            low += np.bincount(key & 0xFFFF, minlength=BINS)
+    inside each bracket: one pass over them where a bracket lies in one 16-bit bucket (narrow ones
+    do), a second for the others; None when a bracket missed its rank."""
+    if any(not 1 <= s.rank - s.above <= s.in_range for s in searches):
+        return None
+    buckets = [s.low >> 16 if s.low >> 16 == s.high >> 16 else None for s in searches]
+    ranks = [s.rank - s.above for s in searches]  # descending, among the keys in the bucket (once known)
+    histograms = [np.zeros(BINS, dtype=np.int64) for _ in searches]
+
+    def accumulate(which: list[int]) -> None:
+        """High 16 bits of each bracket's keys where its bucket is unknown, else the bucket's low bits."""
+        for _, arrays in kept.parts():
+            keys = model_keys(arrays, dtypes, sorted({searches[i].model for i in which}))
+            for i in which:
+                key = keys[searches[i].model]
+                key = key[(key >= searches[i].low) & (key <= searches[i].high)]
+                if buckets[i] is None:
+                    histograms[i] += np.bincount(key >> 16, minlength=BINS)
+                else:
+                    histograms[i] += np.bincount(key[(key >> 16) == buckets[i]] & 0xFFFF, minlength=BINS)
+
+    accumulate(list(range(len(searches))))
+    wide = [i for i, bucket in enumerate(buckets) if bucket is None]
+    for i in wide:
+        buckets[i], above = _from_top(histograms[i], ranks[i])
+        ranks[i] -= above
+        histograms[i] = np.zeros(BINS, dtype=np.int64)
+    if wide:
+        accumulate(wide)
     found = {}
-    for search, (bucket, rank_in_bucket, low) in zip(searches, located):
-        bin_, above_in_bucket = _from_top(low, rank_in_bucket)
-        above = search.rank - rank_in_bucket + above_in_bucket
-        found[(search.model, search.rank)] = RankedKey((bucket << 16) | bin_, above, int(low[bin_]))
+    for search, bucket, rank, low in zip(searches, buckets, ranks, histograms):
+        bin_, above_in_bucket = _from_top(low, rank)
+        found[(search.model, search.rank)] = RankedKey((bucket << 16) | bin_, search.rank - rank + above_in_bucket,
+                                                       int(low[bin_]))
     return found
 
 
@@ -193,7 +204,7 @@ def final_rules(kept: KeptAside, dtypes: list[str], bands: list[Band | None], ke
         def positions(key: int, ordinals: list[int]) -> dict[int, int]:
             pending, found, before = sorted(set(ordinals)), {}, 0
             for flat, arrays in kept.parts():
-                tied = flat[deltas(arrays, dtypes, model)[1] == key]
+                tied = flat[model_keys(arrays, dtypes, [model])[model] == key]
                 while pending and pending[0] <= before + len(tied):
                     ordinal = pending.pop(0)
                     found[ordinal] = int(tied[ordinal - before - 1])
@@ -216,33 +227,43 @@ def final_rules(kept: KeptAside, dtypes: list[str], bands: list[Band | None], ke
 
 
 def keep_mask(keys: np.ndarray, flat: np.ndarray, rule: Sparsify) -> np.ndarray:
-    """As the reference's keep_mask for 'none' and 'band' rules, on kept-aside elements."""
+    """As the reference's keep_mask for 'none' and 'band' rules, on kept-aside keys (uint32)."""
     if rule.kind == "none":
         return np.ones(len(keys), dtype=bool)
-    keys = keys.astype(np.int64)
-    low_ok = (keys > rule.low_key) | ((keys == rule.low_key) & (flat >= rule.low_from) & (flat < rule.low_to))
-    high_ok = (keys < rule.high_key) | ((keys == rule.high_key) & (flat >= rule.high_from) & (flat < rule.high_to))
+    if rule.high_key < 0 or rule.low_key > rule.high_key:
+        return np.zeros(len(keys), dtype=bool)  # an empty band
+    low, high = np.uint32(rule.low_key), np.uint32(rule.high_key)
+    low_ok = (keys > low) | ((keys == low) & (flat >= rule.low_from) & (flat < rule.low_to))
+    high_ok = (keys < high) | ((keys == high) & (flat >= rule.high_from) & (flat < rule.high_to))
     return low_ok & high_ok
 
 
-def patch_undecided(stream, kept: KeptAside, dtypes: list[str], rules: list[Sparsify], make_spec) -> bool:
-    """Combine the kept-aside elements with the final rules and write them over the provisional ones."""
+def patch_undecided(stream, kept: KeptAside, dtypes: list[str], rules: list[Sparsify], make_spec, last) -> bool:
+    """Combine the kept-aside elements with the final rules and write them over the provisional
+    ones: into the output buffer of the `last` chunk (not written yet) for its own elements, with
+    positioned writes into the output file for the earlier chunks' (written: the pass is over)."""
     from dtm_fast.io.safetensors_format import DTYPE_SIZES
 
     backend, out_size = stream.backend, DTYPE_SIZES[stream.out_dtype]
     spec = make_spec([Sparsify() for _ in rules])  # the final decisions are applied to the inputs
-    block = stream.buffers.outputs[0]  # free: every write of the pass is done
+    # the output slot the last chunk does not use is free: every earlier write is done
+    block = next(b for b in stream.buffers.outputs if not np.shares_memory(b, last.out_raw))
+    in_last = last.out_raw.view(np.dtype(f"u{out_size}"))
     for flat, arrays in kept.parts():
         base = widen(arrays[0], dtypes[0])
+        nonfinite = ~np.isfinite(base)
         models = []
         for index, rule in enumerate(rules):
-            model = widen(arrays[1 + index], dtypes[1 + index]).copy()
+            model = widen(arrays[1 + index], dtypes[1 + index])
             dropped = ~keep_mask(np.abs(model - base).view(np.uint32), flat, rule)
-            if dropped.any() and not np.isfinite(base[dropped]).all():
+            if (dropped & nonfinite).any():
                 return False  # x = b would not give a zero delta there
-            model[dropped] = base[dropped]
-            models.append(backend.view(model.view(np.uint8), "F32"))
+            models.append(backend.view(np.where(dropped, base, model).view(np.uint8), "F32"))
         out_raw = np.empty(len(flat) * out_size, dtype=np.uint8)
         backend.gta(backend.view(out_raw, stream.out_dtype), backend.view(base.view(np.uint8), "F32"), models, spec, 0)
-        patch(stream.out_fd, stream.out_offset, out_size, flat, out_raw.view(np.dtype(f"u{out_size}")), block)
+        values = out_raw.view(np.dtype(f"u{out_size}"))
+        split = int(np.searchsorted(flat, last.start, "left"))
+        if split:
+            patch(stream.out_fd, stream.out_offset, out_size, flat[:split], values[:split], block)
+        in_last[flat[split:] - last.start] = values[split:]
     return True
