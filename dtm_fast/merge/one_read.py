@@ -66,19 +66,20 @@ def wanted_ranks(band: Band | None) -> list[int]:
     return [] if band is None or band.last < band.first else sorted(({band.first} - {1}) | {band.last})
 
 
+def per_band(bands: list[Band | None], rule) -> list[Sparsify]:
+    """Each model's rule: keep all without a band, nothing for an empty one, else rule(index, band)."""
+    return [Sparsify() if band is None else EMPTY if band.last < band.first else rule(index, band)
+            for index, band in enumerate(bands)]
+
+
 def provisional(bands: list[Band | None], searches: list[Search]) -> list[Sparsify]:
     """Rules that decide every element outside the brackets as the final rules will."""
-    rules = []
-    for index, band in enumerate(bands):
-        if band is None:
-            rules.append(Sparsify())
-        elif band.last < band.first:
-            rules.append(EMPTY)
-        else:
-            mine = {s.rank: s for s in searches if s.model == index}
-            high = mine[band.first].high if band.first > 1 else NO_UPPER_KEY
-            rules.append(Sparsify(kind="band", low_key=mine[band.last].low, high_key=high))
-    return rules
+    def rule(index: int, band: Band) -> Sparsify:
+        mine = {s.rank: s for s in searches if s.model == index}
+        high = mine[band.first].high if band.first > 1 else NO_UPPER_KEY
+        return Sparsify(kind="band", low_key=mine[band.last].low, high_key=high)
+
+    return per_band(bands, rule)
 
 
 def undecided(backend, chunk, searches: list[Search], capacity: int) -> tuple[list[tuple[int, int]], np.ndarray, int]:
@@ -214,16 +215,11 @@ def final_rules(kept: KeptAside, dtypes: list[str], bands: list[Band | None], ke
             return found
         return positions
 
-    rules = []
-    for index, band in enumerate(bands):
-        if band is None:
-            rules.append(Sparsify())
-        elif band.last < band.first:
-            rules.append(EMPTY)
-        else:
-            high = keys[(index, band.first)] if band.first > 1 else None
-            rules.append(band_rule(band, keys[(index, band.last)], high, keep_all_ties, locate(index)))
-    return rules
+    def rule(index: int, band: Band) -> Sparsify:
+        high = keys[(index, band.first)] if band.first > 1 else None
+        return band_rule(band, keys[(index, band.last)], high, keep_all_ties, locate(index))
+
+    return per_band(bands, rule)
 
 
 def keep_mask(keys: np.ndarray, flat: np.ndarray, rule: Sparsify) -> np.ndarray:

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import load_state, write_safetensors
+from conftest import load_state, tied_bf16_family
 from dtm_fast.merge import kept_aside, magnitude, one_read, stream
 from dtm_fast.merge.config import MergeConfig, ModelInput
 from dtm_fast.merge.engine import run_merge
@@ -26,14 +26,7 @@ DENSITIES = [{"density": 0.5}, {"density": 0.3}, {"density": 0.7}]
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     """bf16 fine-tunes whose deltas take few distinct values: many magnitudes tie at each threshold."""
-    root = tmp_path_factory.mktemp("one-read")
-    generator = torch.Generator().manual_seed(13)
-    base = torch.randn(SHAPE, generator=generator) * 0.02
-    paths = [write_safetensors(root / "base" / "model.safetensors", {"w": base.bfloat16()}).parent]
-    for index in range(3):
-        model = base + 1e-3 * torch.randn(SHAPE, generator=generator)
-        paths.append(write_safetensors(root / f"m{index}" / "model.safetensors", {"w": model.bfloat16()}).parent)
-    return paths
+    return tied_bf16_family(tmp_path_factory.mktemp("one-read"), SHAPE, seed=13)
 
 
 @pytest.fixture
