@@ -70,6 +70,11 @@
   X(abs_delta_key_position, (const void* base, const void* model, int dtype, int32_t key, int64_t nth, int64_t n, \
                              int64_t* count, int64_t* position),                                                 \
     (base, model, dtype, key, nth, n, count, position))                                                          \
+  /* one-read thresholds: counts above / in range per search, ascending positions of the undecided */        \
+  X(abs_delta_undecided, (const void* base, const void* const* models, int dtype, int64_t num_searches,         \
+                          int64_t n, const int32_t* key_low, const int32_t* key_high, int64_t* above,            \
+                          int64_t* in_range, int64_t* positions, int64_t capacity, int64_t* undecided),          \
+    (base, models, dtype, num_searches, n, key_low, key_high, above, in_range, positions, capacity, undecided))  \
   X(della_deltas, (void* out, int out_dtype, const void* base, const void* model, int dtype, int64_t row_length, \
                    double density, double epsilon, uint32_t key_low, uint32_t key_high, float scale,            \
                    int64_t start, int64_t n, double* total_l1, double* kept_l1),                                 \

@@ -169,3 +169,83 @@ int abs_delta_key_position(const void* base, const void* model, int dtype, int32
   *count = total;
   return 0;
 }
+
+// The counting pass of one-read TIES/breadcrumbs (merge/one_read.py): per search s over models[s],
+// above[s] = how many keys lie past key_high[s] and in_range[s] = how many in [key_low[s],
+// key_high[s]]; `positions` gets, in ascending order, the indices of the elements whose key lies in
+// the range of any search (the undecided ones); undecided[0] = how many there were, or capacity + 1
+// when they did not fit. The tiles are cut into kUndecidedBlocks blocks, each writing into its own
+// capacity / kUndecidedBlocks slots of `positions` (no memory beyond it, and the same result for any
+// thread count); a block with more counts as an overflow. Every input is read once for all searches.
+constexpr int64_t kUndecidedBlocks = 64;
+
+int abs_delta_undecided(const void* base, const void* const* models, int dtype, int64_t num_searches, int64_t n,
+                        const int32_t* key_low, const int32_t* key_high, int64_t* above, int64_t* in_range,
+                        int64_t* positions, int64_t capacity, int64_t* undecided) {
+  if (!valid_dtype(dtype) || n < 0 || num_searches < 0 || capacity < 0) return DTM_EBADARG;
+  for (int64_t s = 0; s < num_searches; ++s)
+    if (key_low[s] < 0 || key_high[s] < key_low[s]) return DTM_EBADARG;
+  const size_t searches = size_t(num_searches);
+  const int64_t tiles = tile_count(n);
+  const int64_t blocks = tiles < kUndecidedBlocks ? (tiles > 0 ? tiles : 1) : kUndecidedBlocks;
+  const int64_t room = capacity / blocks;
+  std::vector<int64_t> total_above(searches, 0), total_in_range(searches, 0), found(size_t(blocks), 0);
+#pragma omp parallel if (tiles >= kMinParallelTiles)
+  {
+    std::vector<int64_t> local_above(searches, 0), local_in_range(searches, 0);
+    float base_tile[kTile], delta[kTile];
+    uint8_t inside[kTile];
+#pragma omp for schedule(static)
+    for (int64_t block = 0; block < blocks; ++block) {
+      int64_t* slots = positions + block * room;
+      int64_t count_found = 0;
+      for (int64_t tile = block * tiles / blocks; tile < (block + 1) * tiles / blocks; ++tile) {
+        const int64_t offset = tile * kTile, count = n - offset < kTile ? n - offset : kTile;
+        load_tile(base_tile, base, dtype, offset, count);
+        memset(inside, 0, size_t(count));
+        for (size_t s = 0; s < searches; ++s) {
+          if (s == 0 || models[s] != models[s - 1]) {  // searches of one model share its deltas
+            load_tile(delta, models[s], dtype, offset, count);
+            for (int64_t i = 0; i < count; ++i) delta[i] = fabsf(delta[i] - base_tile[i]);
+          }
+          const uint32_t low = uint32_t(key_low[s]), width = uint32_t(key_high[s]) - low;
+          const uint32_t high = uint32_t(key_high[s]);
+          int64_t kept = 0, past = 0;
+          for (int64_t i = 0; i < count; ++i) {  // unsigned distance from `low`: one compare for both bounds
+            const uint32_t key = bits_from_float(delta[i]);
+            const uint8_t in = uint8_t(key - low <= width);
+            inside[i] |= in;
+            kept += in;
+            past += int64_t(key > high);
+          }
+          local_in_range[s] += kept;
+          local_above[s] += past;
+        }
+        for (int64_t i = 0; i < count; ++i) {
+          if (inside[i] && count_found < room) slots[count_found] = offset + i;
+          count_found += inside[i];
+        }
+      }
+      found[size_t(block)] = count_found;
+    }
+#pragma omp critical(dtm_undecided_merge)
+    for (size_t s = 0; s < searches; ++s) {
+      total_above[s] += local_above[s];
+      total_in_range[s] += local_in_range[s];
+    }
+  }
+  int64_t total = 0;
+  bool overflow = false;
+  for (int64_t block = 0; block < blocks; ++block) {  // compact the blocks' slots, in block order
+    const int64_t count = found[size_t(block)];
+    overflow = overflow || count > room;
+    if (!overflow && count > 0) memmove(positions + total, positions + block * room, size_t(count) * sizeof(int64_t));
+    total += count;
+  }
+  for (size_t s = 0; s < searches; ++s) {
+    above[s] = total_above[s];
+    in_range[s] = total_in_range[s];
+  }
+  *undecided = overflow ? (total > capacity ? total : capacity + 1) : total;
+  return 0;
+}

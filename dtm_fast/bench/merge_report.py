@@ -160,6 +160,21 @@ def rows(measurements: Measurements) -> list[list]:
     return sorted(table, key=lambda row: (methods.index(row[0]), order[row[1].split()[0]], row[1]))
 
 
+def publishing_cost(measurements: Measurements) -> str:
+    """What publishing costs against the floor: every merge fsyncs each shard before it publishes
+    (a published output survives power loss), so floor+fsync - floor is the part of any merge's
+    time that is durability, not merging."""
+    medians = {(s.tool, s.method): s.median_s for s in measurements.series if s.tool in ("floor", "floor+fsync")}
+    costs = [(durable - medians[("floor", method)], medians[("floor", method)])
+             for (tool, method), durable in medians.items() if tool == "floor+fsync" and ("floor", method) in medians]
+    if not costs:
+        return ""
+    extra = statistics.median(c for c, _ in costs)
+    floor = statistics.median(f for _, f in costs)
+    return (f"publishing (fsync of each shard, which every merge does before it publishes): {extra:+.2f} s over "
+            f"the floor's {floor:.2f} s (median over methods; floor+fsync / floor {(floor + extra) / floor:.2f}x)")
+
+
 COLUMNS = ["method", "tool", "wall s", "spread", "GB/s", "peak RSS", "mergekit / this", "this / floor",
            "this / floor+fsync"]
 
@@ -205,8 +220,12 @@ def report(measurements: Measurements, args) -> None:
     load = measurements.machine
     ui.info(f"{noise}; load average {load['load_before'][0]:.1f} before, {load['load_after'][0]:.1f} after "
             f"on {load['cpus']} CPUs; baseline RSS of the merge's imports {ui.format_bytes(measurements.baseline_rss_bytes)}")
+    publishing = publishing_cost(measurements)
+    if publishing:
+        ui.info(publishing)
     record = asdict(measurements)
     record["table"] = {"columns": COLUMNS, "rows": table}
+    record["publishing"] = publishing
     record["noise"] = noise
     record["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     (output / "results.json").write_text(json.dumps(record, indent=1))

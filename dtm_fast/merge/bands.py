@@ -46,7 +46,8 @@ def band_rules(stream, bands: list[Band | None], keep_all_ties: bool) -> list[Sp
         else:
             low = found[index][band.last]
             high = found[index][band.first] if band.first > 1 else None
-            rules.append(_rule(stream, index, band, low, high, keep_all_ties))
+            rules.append(band_rule(band, low, high, keep_all_ties,
+                                   lambda key, ordinals, index=index: tie_positions(stream, index, key, ordinals)))
     return rules
 
 
@@ -62,19 +63,22 @@ def select(stream, wanted: list[list[int]]) -> list[dict[int, RankedKey]]:
     return found
 
 
-def _rule(stream, index: int, band: Band, low: RankedKey, high: RankedKey | None, keep_all_ties: bool) -> Sparsify:
+def band_rule(band: Band, low: RankedKey, high: RankedKey | None, keep_all_ties: bool, locate) -> Sparsify:
+    """The rule keeping `band` given the keys at its bounds; `locate(key, ordinals)` gives the flat
+    index of the n-th element tied at `key`, for each n (a pass over the stream, or the one-read
+    path's kept-aside positions)."""
     rule = Sparsify(kind="band", low_key=low.key, high_key=high.key if high is not None else NO_UPPER_KEY)
     if keep_all_ties:
         return rule
-    low_range = _tie_range(stream, index, band, low)
+    low_range = _tie_range(band, low, locate)
     if high is None:
         return Sparsify(rule.kind, rule.low_key, rule.high_key, low_from=low_range[0], low_to=low_range[1])
-    high_range = low_range if high.key == low.key else _tie_range(stream, index, band, high)
+    high_range = low_range if high.key == low.key else _tie_range(band, high, locate)
     return Sparsify(rule.kind, rule.low_key, rule.high_key, low_from=low_range[0], low_to=low_range[1],
                     high_from=high_range[0], high_to=high_range[1])
 
 
-def _tie_range(stream, index: int, band: Band, bound: RankedKey) -> tuple[int, int]:
+def _tie_range(band: Band, bound: RankedKey, locate) -> tuple[int, int]:
     """[from, to) of flat indices of the elements tied at `bound` that lie inside the band."""
     group_first = bound.above + 1  # the tied elements take descending ranks group_first ..
     group_last = bound.above + bound.ties
@@ -85,7 +89,7 @@ def _tie_range(stream, index: int, band: Band, bound: RankedKey) -> tuple[int, i
     if first <= 1 and last >= bound.ties:
         return 0, INDEX_END  # every tied element is kept
     needed = ([first] if first > 1 else []) + ([last] if last < bound.ties else [])
-    positions = tie_positions(stream, index, bound.key, needed)
+    positions = locate(bound.key, needed)
     start = positions[first] if first > 1 else 0
     stop = positions[last] + 1 if last < bound.ties else INDEX_END
     return start, stop

@@ -75,12 +75,16 @@ BIG_SHAPE = (1031, 641)
 def bf16_big_family(tmp_path_factory):
     """A base and three bf16 fine-tunes of one BIG_SHAPE tensor "w": their deltas take few distinct
     values, so many magnitudes tie."""
-    root = tmp_path_factory.mktemp("big-bf16")
-    generator = torch.Generator().manual_seed(5)
-    base = torch.randn(BIG_SHAPE, generator=generator) * 0.02
+    return tied_bf16_family(tmp_path_factory.mktemp("big-bf16"), BIG_SHAPE, seed=5)
+
+
+def tied_bf16_family(root: Path, shape: tuple[int, ...], seed: int) -> list[Path]:
+    """A base (N(0, 0.02)) and three bf16 fine-tunes (+ N(0, 1e-3)) of one tensor "w" in `root`."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=generator) * 0.02
     paths = [write_safetensors(root / "base" / "model.safetensors", {"w": base.bfloat16()}).parent]
     for index in range(3):
-        model = base + 1e-3 * torch.randn(BIG_SHAPE, generator=generator)
+        model = base + 1e-3 * torch.randn(shape, generator=generator)
         paths.append(write_safetensors(root / f"m{index}" / "model.safetensors", {"w": model.bfloat16()}).parent)
     return paths
 

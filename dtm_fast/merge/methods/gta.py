@@ -77,7 +77,11 @@ class GeneralizedTaskArithmetic(MergeMethod):
     def statistics_bytes_per_element(self, num_models: int) -> float:
         # the bracketed threshold search collects up to chunk / COLLECT_FRACTION uint32 keys per band edge
         edges = {"magnitude": 1, "band": 2}.get(self.sparsification, 0)
-        return edges * num_models * 4 / COLLECT_FRACTION
+        if not edges:
+            return 0
+        from dtm_fast.merge.one_read import STATISTICS_BYTES_PER_ELEMENT  # its buffers, or those of its fallback
+
+        return max(edges * num_models * 4 / COLLECT_FRACTION, STATISTICS_BYTES_PER_ELEMENT)
 
     # -- which deltas are kept -------------------------------------------------------------------
     def _band(self, params: TensorParams, index: int, numel: int) -> Band | None:
@@ -127,6 +131,13 @@ class GeneralizedTaskArithmetic(MergeMethod):
     def merge(self, params, stream):
         backend = stream.backend
         count = len(stream.models)
+        if self.sparsification in ("magnitude", "band") and params["rescale"] == "none":
+            from dtm_fast.merge import one_read  # one read of each input, whatever the tensor's size
+
+            bands = [self._band(params, i, stream.context.numel) for i in range(count)]
+            if one_read.applies(stream, bands) and one_read.merge_bands(
+                    stream, bands, params["threshold_ties"] == "all", lambda rules: self._spec(params, rules)):
+                return
         rules = self._rules(params, stream)
         l1_sums = None
         if self.sparsification and params["rescale"] == "l1" and any(r.kind != "none" for r in rules):

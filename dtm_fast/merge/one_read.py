@@ -1,0 +1,265 @@
+"""TIES and breadcrumbs (without L1 rescale) in one read of each input, whatever the tensor's size.
+
+The exact thresholds are the keys at fixed descending ranks of each model's |x - b| (merge/bands.py).
+A sample of the first chunk brackets each of them (magnitude.bracket); then ONE pass over the tensor
+  * counts, per search, the keys above its bracket and inside it (`abs_delta_undecided`),
+  * lists the positions where some model's key lies inside one of its brackets: the undecided
+    elements (a few percent, by construction of the bracket),
+  * combines every chunk with provisional rules (keep above the bracket, drop below it), which are
+    the final decisions everywhere but at the undecided positions, and writes it,
+  * keeps the undecided elements aside: positions and every input's bytes there (merge/kept_aside.py,
+    bounded in memory, spilled to an unnamed scratch file beside the output past that).
+Once the pass is over, the counts fix each threshold exactly: the rank's key is selected among the
+kept-aside keys (every key inside a bracket was kept aside), ties at it are located among their
+positions; the undecided elements are combined again with the final rules and written over the
+provisional values with positioned writes. The result is bit-identical to the reference: the same
+combine (backend.gta) on the same widened values, a dropped delta given as x = b, whose delta is the
++0 the reference's mask gives.
+
+When a bracket misses its rank or the kept-aside positions overflow their buffer (or a dropped
+element has a non-finite base), the caller falls back to the exact multi-pass path, which rewrites
+the whole tensor: slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+
+from dtm_fast.merge.bands import EMPTY, Band, band_rule
+from dtm_fast.merge.kept_aside import KeptAside, directory_of, patch, widen
+from dtm_fast.merge import magnitude
+from dtm_fast.merge.magnitude import BINS, SAMPLE_ELEMENTS, RankedKey, _from_top, sample_keys
+from dtm_fast.merge.specs import NO_UPPER_KEY, Sparsify
+
+# Undecided positions one chunk may have: a quarter of it (int64s: 2 bytes per chunk element), and
+# as much again of kept-aside elements held in memory before they spill; the method budgets both
+# (STATISTICS_BYTES_PER_ELEMENT). A 4-sigma bracket holds ~1.1% of the elements per search at
+# density 0.5, but bf16 fine-tunes whose deltas take few distinct values tie so much that a bracket
+# is one key holding several percent: 11% (TIES) to 17% (breadcrumbs) of the elements of the tests'
+# and the benchmark's synthetic fine-tunes are undecided.
+UNDECIDED_FRACTION = 4
+STATISTICS_BYTES_PER_ELEMENT = 2 * 8 / UNDECIDED_FRACTION
+
+
+@dataclass
+class Search:
+    model: int
+    rank: int
+    low: int
+    high: int
+    above: int = 0
+    in_range: int = 0
+
+
+def applies(stream, bands: list[Band | None]) -> bool:
+    """One read is possible: a streamed tensor whose first chunk is large enough for a sample."""
+    first = min(stream.context.numel, stream.chunk_elements)
+    return (not stream.holds_whole_tensor and stream.base_entry is not None and first >= 4 * SAMPLE_ELEMENTS
+            and stream.out_fd is not None and any(b is not None and b.last >= b.first for b in bands))
+
+
+def wanted_ranks(band: Band | None) -> list[int]:
+    # rank 1 as an upper bound needs no search (nothing lies above it)
+    return [] if band is None or band.last < band.first else sorted(({band.first} - {1}) | {band.last})
+
+
+def per_band(bands: list[Band | None], rule) -> list[Sparsify]:
+    """Each model's rule: keep all without a band, nothing for an empty one, else rule(index, band)."""
+    return [Sparsify() if band is None else EMPTY if band.last < band.first else rule(index, band)
+            for index, band in enumerate(bands)]
+
+
+def provisional(bands: list[Band | None], searches: list[Search]) -> list[Sparsify]:
+    """Rules that decide every element outside the brackets as the final rules will."""
+    def rule(index: int, band: Band) -> Sparsify:
+        mine = {s.rank: s for s in searches if s.model == index}
+        high = mine[band.first].high if band.first > 1 else NO_UPPER_KEY
+        return Sparsify(kind="band", low_key=mine[band.last].low, high_key=high)
+
+    return per_band(bands, rule)
+
+
+def undecided(backend, chunk, searches: list[Search], capacity: int) -> tuple[list[tuple[int, int]], np.ndarray, int]:
+    """Per search (above, in range), the ascending undecided positions (up to `capacity`), and how
+    many there were: the native kernel when the backend has it, else the same in torch."""
+    from dtm_fast.merge.backends import native
+
+    models = [chunk.models[s.model] for s in searches]
+    lib = native.library() if getattr(backend, "name", "") == "cpu" else None
+    if lib is not None and hasattr(lib, "dtm_abs_delta_undecided") and native.supported([chunk.base, *models]):
+        inputs = native.KernelInputs([chunk.base, *models])
+        count, num = inputs.count(None, "abs_delta_undecided"), max(1, len(searches))
+        lows = (ctypes.c_int32 * num)(*[s.low for s in searches])
+        highs = (ctypes.c_int32 * num)(*[s.high for s in searches])
+        above, in_range, total = (ctypes.c_int64 * num)(), (ctypes.c_int64 * num)(), ctypes.c_int64()
+        positions = np.empty(capacity, dtype=np.int64)
+        native.check(lib.dtm_abs_delta_undecided(inputs.addresses[0], inputs.pointers(1), inputs.code, len(searches),
+                                                 count, lows, highs, above, in_range, positions.ctypes.data, capacity,
+                                                 ctypes.byref(total)), "abs_delta_undecided")
+        found = min(capacity, total.value)
+        return [(above[i], in_range[i]) for i in range(len(searches))], positions[:found], total.value
+    from dtm_fast.merge.backends.native import as_torch
+    from dtm_fast.merge.magnitude import magnitude_keys
+
+    base = as_torch(chunk.base).float()
+    inside = None
+    counts = []
+    for model, search in zip(models, searches):
+        keys = magnitude_keys(as_torch(model).float() - base)
+        flags = (keys >= search.low) & (keys <= search.high)
+        counts.append((int((keys > search.high).sum()), int(flags.sum())))
+        inside = flags if inside is None else inside | flags
+    positions = inside.nonzero().reshape(-1).cpu().numpy().astype(np.int64)
+    return counts, positions[:capacity], len(positions)
+
+
+def merge_bands(stream, bands: list[Band | None], keep_all_ties: bool, make_spec) -> bool:
+    """Merge the stream's tensor in one read (see the module); False when the caller must merge it
+    again by the exact multi-pass path (the output written so far is then overwritten)."""
+    backend, numel = stream.backend, stream.context.numel
+    dtypes = [entry.dtype for entry in stream._entries()]
+    wanted = [wanted_ranks(band) for band in bands]
+    capacity = max(SAMPLE_ELEMENTS, stream.chunk_elements // UNDECIDED_FRACTION)
+    kept = KeptAside(dtypes, capacity * 8, directory_of(stream.out_fd))
+    try:
+        searches: list[Search] = []
+        spec = None
+        for chunk in stream.chunks(write=True):
+            if spec is None:
+                sampled = [index for index, ranks in enumerate(wanted) if ranks]
+                samples = sample_keys(backend, chunk.base, [chunk.models[index] for index in sampled])
+                for index, sample in zip(sampled, samples):
+                    searches += [Search(index, rank, *magnitude.bracket(sample, rank, numel)) for rank in wanted[index]]
+                spec = make_spec(provisional(bands, searches))
+            counts, local, total = undecided(backend, chunk, searches, capacity)
+            if total > capacity:
+                return False
+            for search, (above, in_range) in zip(searches, counts):
+                search.above += above
+                search.in_range += in_range
+            backend.gta(chunk.out, chunk.base, chunk.models, spec, chunk.start)
+            kept.add(chunk.start, local, chunk.inputs_raw)
+            if chunk.start + chunk.count == numel:  # the last chunk: its output is still in memory
+                keys = exact_keys(kept, dtypes, searches)
+                if keys is None:
+                    return False
+                rules = final_rules(kept, dtypes, bands, keep_all_ties, keys)
+                stream.io.flush()  # the earlier chunks' provisional output is on file before it is patched
+                if not patch_undecided(stream, kept, dtypes, rules, make_spec, chunk):
+                    return False
+        return True
+    finally:
+        kept.close()
+
+
+def model_keys(arrays: list[np.ndarray], dtypes: list[str], models) -> dict[int, np.ndarray]:
+    """|x - b| keys (uint32) of the given models on a kept-aside part."""
+    base = widen(arrays[0], dtypes[0])
+    return {model: np.abs(widen(arrays[1 + model], dtypes[1 + model]) - base).view(np.uint32) for model in models}
+
+
+def exact_keys(kept: KeptAside, dtypes: list[str], searches: list[Search]) -> dict | None:
+    """(model, rank) -> RankedKey for every search, by a radix select over the kept-aside keys
+    inside each bracket: one pass over them where a bracket lies in one 16-bit bucket (narrow ones
+    do), a second for the others; None when a bracket missed its rank."""
+    if any(not 1 <= s.rank - s.above <= s.in_range for s in searches):
+        return None
+    buckets = [s.low >> 16 if s.low >> 16 == s.high >> 16 else None for s in searches]
+    ranks = [s.rank - s.above for s in searches]  # descending, among the keys in the bucket (once known)
+    histograms = [np.zeros(BINS, dtype=np.int64) for _ in searches]
+
+    def accumulate(which: list[int]) -> None:
+        """High 16 bits of each bracket's keys where its bucket is unknown, else the bucket's low bits."""
+        for _, arrays in kept.parts():
+            keys = model_keys(arrays, dtypes, sorted({searches[i].model for i in which}))
+            for i in which:
+                key = keys[searches[i].model]
+                key = key[(key >= searches[i].low) & (key <= searches[i].high)]
+                if buckets[i] is None:
+                    histograms[i] += np.bincount(key >> 16, minlength=BINS)
+                else:
+                    histograms[i] += np.bincount(key[(key >> 16) == buckets[i]] & 0xFFFF, minlength=BINS)
+
+    accumulate(list(range(len(searches))))
+    wide = [i for i, bucket in enumerate(buckets) if bucket is None]
+    for i in wide:
+        buckets[i], above = _from_top(histograms[i], ranks[i])
+        ranks[i] -= above
+        histograms[i] = np.zeros(BINS, dtype=np.int64)
+    if wide:
+        accumulate(wide)
+    found = {}
+    for search, bucket, rank, low in zip(searches, buckets, ranks, histograms):
+        bin_, above_in_bucket = _from_top(low, rank)
+        found[(search.model, search.rank)] = RankedKey((bucket << 16) | bin_, search.rank - rank + above_in_bucket,
+                                                       int(low[bin_]))
+    return found
+
+
+def final_rules(kept: KeptAside, dtypes: list[str], bands: list[Band | None], keep_all_ties: bool,
+                keys: dict) -> list[Sparsify]:
+    def locate(model: int):
+        def positions(key: int, ordinals: list[int]) -> dict[int, int]:
+            pending, found, before = sorted(set(ordinals)), {}, 0
+            for flat, arrays in kept.parts():
+                tied = flat[model_keys(arrays, dtypes, [model])[model] == key]
+                while pending and pending[0] <= before + len(tied):
+                    ordinal = pending.pop(0)
+                    found[ordinal] = int(tied[ordinal - before - 1])
+                before += len(tied)
+            if pending:
+                raise RuntimeError(f"fewer elements tied at key {key} than counted")
+            return found
+        return positions
+
+    def rule(index: int, band: Band) -> Sparsify:
+        high = keys[(index, band.first)] if band.first > 1 else None
+        return band_rule(band, keys[(index, band.last)], high, keep_all_ties, locate(index))
+
+    return per_band(bands, rule)
+
+
+def keep_mask(keys: np.ndarray, flat: np.ndarray, rule: Sparsify) -> np.ndarray:
+    """As the reference's keep_mask for 'none' and 'band' rules, on kept-aside keys (uint32)."""
+    if rule.kind == "none":
+        return np.ones(len(keys), dtype=bool)
+    if rule.high_key < 0 or rule.low_key > rule.high_key:
+        return np.zeros(len(keys), dtype=bool)  # an empty band
+    low, high = np.uint32(rule.low_key), np.uint32(rule.high_key)
+    low_ok = (keys > low) | ((keys == low) & (flat >= rule.low_from) & (flat < rule.low_to))
+    high_ok = (keys < high) | ((keys == high) & (flat >= rule.high_from) & (flat < rule.high_to))
+    return low_ok & high_ok
+
+
+def patch_undecided(stream, kept: KeptAside, dtypes: list[str], rules: list[Sparsify], make_spec, last) -> bool:
+    """Combine the kept-aside elements with the final rules and write them over the provisional
+    ones: into the output buffer of the `last` chunk (not written yet) for its own elements, with
+    positioned writes into the output file for the earlier chunks' (written: the pass is over)."""
+    from dtm_fast.io.safetensors_format import DTYPE_SIZES
+
+    backend, out_size = stream.backend, DTYPE_SIZES[stream.out_dtype]
+    spec = make_spec([Sparsify() for _ in rules])  # the final decisions are applied to the inputs
+    # the output slot the last chunk does not use is free: every earlier write is done
+    block = next(b for b in stream.buffers.outputs if not np.shares_memory(b, last.out_raw))
+    in_last = last.out_raw.view(np.dtype(f"u{out_size}"))
+    for flat, arrays in kept.parts():
+        base = widen(arrays[0], dtypes[0])
+        nonfinite = ~np.isfinite(base)
+        models = []
+        for index, rule in enumerate(rules):
+            model = widen(arrays[1 + index], dtypes[1 + index])
+            dropped = ~keep_mask(np.abs(model - base).view(np.uint32), flat, rule)
+            if (dropped & nonfinite).any():
+                return False  # x = b would not give a zero delta there
+            models.append(backend.view(np.where(dropped, base, model).view(np.uint8), "F32"))
+        out_raw = np.empty(len(flat) * out_size, dtype=np.uint8)
+        backend.gta(backend.view(out_raw, stream.out_dtype), backend.view(base.view(np.uint8), "F32"), models, spec, 0)
+        values = out_raw.view(np.dtype(f"u{out_size}"))
+        split = int(np.searchsorted(flat, last.start, "left"))
+        if split:
+            patch(stream.out_fd, stream.out_offset, out_size, flat[:split], values[:split], block)
+        in_last[flat[split:] - last.start] = values[split:]
+    return True
