@@ -14,6 +14,12 @@ import numpy as np
 GRAM_BYTES_PER_ELEMENT = 4
 
 
+def has_base(stream) -> bool:
+    """Whether the tensor is merged with a base (an optional base given): the engine's streams
+    name its entry, the whole-tensor stream of the reference holds the tensor itself."""
+    return (stream.base_entry if hasattr(stream, "base_entry") else stream.base) is not None
+
+
 def _zeros(backend, count: int, like) -> object:
     from dtm_fast.merge.backends.native import dtype_name
 
