@@ -14,6 +14,11 @@ class Ram(MergeMethod):
     summary = "keep uniquely contributed task-vector elements, average shared ones"
     params = (Param("epsilon", "global", float, 1e-5, non_negative, help="|delta| above it counts as contributed"),)
 
+    def statistics_bytes_per_element(self, num_models):
+        # its chunk operation is the torch reference on every backend for now: fp32 deltas, masks and
+        # products of every model live at once (backends/reference_methods.py)
+        return 4 * (3 * num_models + 4)
+
     def unique_scales(self, params, stream) -> list[float]:
         return [1.0] * len(stream.models)
 

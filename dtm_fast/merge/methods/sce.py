@@ -26,6 +26,11 @@ class Sce(MergeMethod):
             raise DtmError(f"{where}: sce select_topk {params['select_topk']} < 1 is not supported by dtm merge yet "
                            "(only 1, every element kept)")
 
+    def statistics_bytes_per_element(self, num_models):
+        # its chunk operation is the torch reference on every backend for now: fp32 deltas, masks and
+        # products of every model live at once (backends/reference_methods.py)
+        return 4 * (3 * num_models + 4)
+
     def has_statistics_pass(self, params):
         return True
 
