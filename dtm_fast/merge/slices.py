@@ -70,7 +70,7 @@ class SlicedSource(CheckpointSource):
         merged = {t.name: t.merged for s in plan.shards for t in s.tensors}
         for name, entries, tensor_params, _ in outputs:
             if merged[name]:
-                table[name] = TensorInputs(entries.base if method.needs_base else None, entries.models)
+                table[name] = TensorInputs(entries.base if method.reads_base else None, entries.models)
                 params[name] = tensor_params
             else:
                 table[name] = TensorInputs(None, ((entries.base or entries.models[0]),))

@@ -139,7 +139,7 @@ class CheckpointSource(MergeSource):
                 base = inputs.base.tensors[tensor.name] if inputs.base is not None else None
                 models = tuple(m.tensors[tensor.name] for m in inputs.models)
                 if tensor.merged:
-                    table[tensor.name] = TensorInputs(base if method.needs_base else None, models,
+                    table[tensor.name] = TensorInputs(base if method.reads_base else None, models,
                                                       tuple(f.tensors[tensor.name] for f in inputs.fishers))
                 else:  # copied unchanged from the base (or the first model)
                     table[tensor.name] = TensorInputs(None, (base if base is not None else models[0],))

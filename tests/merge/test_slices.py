@@ -51,7 +51,6 @@ dtype: float32
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
-@pytest.mark.xfail(strict=True, reason="dtm's slerp is per row until mergekit's whole-tensor definition lands")
 def test_slerp_slices_with_their_own_gradients(llama_family, tmp_path):
     paths = llama_family["fp32"]
     run_both(f"""merge_method: slerp

@@ -171,6 +171,12 @@ class CpuBackend(ReferenceBackend):
                                        gram.ctypes.data), "delta_gram")
         return gram
 
+    # -- operations without a kernel yet: the reference on torch views of the chunks ------------------
+    nearswap = _reference("nearswap")
+    ram_counts = _reference("ram_counts")
+    ram = _reference("ram")
+    sce = _reference("sce")
+
     # -- not a chunk operation: DARE's mask as the kernels draw it, for tests and tools ---------------
     def keep_mask(self, key: tuple[int, int], start: int, count: int, threshold: int):
         """DARE's keep-mask for elements start .. start+count-1 (rng.keep_mask, natively), as a torch bool tensor."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
+from dtm_fast.merge.backends.reference_methods import MethodOps
 from dtm_fast.merge.specs import NO_UPPER_KEY, GtaSpec, Sparsify  # noqa: F401 - NO_UPPER_KEY re-exported
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ SLERP_DOT_THRESHOLD = 0.9995
 SLERP_EPS = 1e-8
 
 
-class ReferenceBackend:
+class ReferenceBackend(MethodOps):
     """Capabilities are class attributes, read by the engine (never probed with getattr)."""
 
     name = "reference"

@@ -80,6 +80,11 @@ class MergeMethod(ABC):
     row_wise: ClassVar[bool] = False  # statistics per leading-axis row: chunks hold whole rows
     vector_is_one_row: ClassVar[bool] = False  # per-row statistics see a 1-D tensor as one row (mergekit's)
 
+    @property
+    def reads_base(self) -> bool:
+        """Whether the base's tensors are given to merge(): needed, or optional (used when given)."""
+        return self.needs_base or self.base_role == "optional"
+
     def has_statistics_pass(self, params: TensorParams) -> bool:
         """Whether merge() reads the tensor more than once (statistics, then combine): the engine
         then gives it chunks as large as the budget allows, so a tensor that fits is read once."""

@@ -1,6 +1,7 @@
 """Model Stock (Jang et al. 2024): interpolate between the base and the models' average by
 t = K cos / (1 + (K-1) cos), cos the mean pairwise cosine of the task vectors, over each whole
-tensor (a statistics pass) or per row (`filter_wise`, computed within each chunk)."""
+tensor (a statistics pass) or per row (`filter_wise`, computed within each chunk). With
+`filter_wise` a vector is one row, as in mergekit (which unsqueezes it), not one row per element."""
 
 from dtm_fast.merge.methods.base import MergeMethod, Param
 
@@ -9,6 +10,7 @@ class ModelStock(MergeMethod):
     name = "model_stock"
     summary = "base-to-average interpolation set by the angle between task vectors"
     min_models = 2
+    vector_is_one_row = True  # filter_wise: mergekit's rows are the last axis', a vector is one of them
     params = (Param("filter_wise", "global", bool, False, help="one ratio per output row instead of per tensor"),)
 
     def merge(self, params, stream):

@@ -1,0 +1,67 @@
+"""Whole-tensor statistics for the methods whose result is a linear combination of their inputs,
+with coefficients set by the inputs' norms and angles (slerp, nuslerp, multislerp, karcher): one
+statistics pass sums the inputs' Gram matrix over the chunks in float64, the coefficients follow in
+plain Python, and one combine pass writes the combination. So a tensor is interpolated as one
+vector (mergekit's definition) within the memory budget, whatever its size."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+# what the statistics pass holds per chunk element: a zero chunk in the inputs' dtype (at most fp32)
+GRAM_BYTES_PER_ELEMENT = 4
+
+
+def has_base(stream) -> bool:
+    """Whether the tensor is merged with a base (an optional base given): the engine's streams
+    name its entry, the whole-tensor stream of the reference holds the tensor itself."""
+    return (stream.base_entry if hasattr(stream, "base_entry") else stream.base) is not None
+
+
+def _zeros(backend, count: int, like) -> object:
+    from dtm_fast.merge.backends.native import dtype_name
+
+    dtype = dtype_name(like)
+    zeros = backend.empty(count, dtype if dtype in ("F32", "F16", "BF16") else "F32")
+    backend.linear(zeros, [], [])  # an empty sum: zeros
+    return zeros
+
+
+def input_gram(stream, with_base: bool) -> np.ndarray:
+    """(K, K) float64 dot products of the inputs themselves (the base first when `with_base`, then
+    the models), summed over the tensor's chunks: the backend's delta Gram against a zero base."""
+    gram, zeros = None, None
+    for chunk in stream.chunks():
+        tensors = ([chunk.base] if with_base else []) + list(chunk.models)
+        if zeros is None:
+            zeros = _zeros(stream.backend, stream.chunk_elements, tensors[0])
+        part = stream.backend.delta_gram(zeros[:chunk.count], tensors)
+        gram = part if gram is None else gram + part
+    return gram
+
+
+def delta_gram(stream) -> np.ndarray:
+    """(K, K) float64 dot products of the task vectors x_i - b over the whole tensor."""
+    gram = None
+    for chunk in stream.chunks():
+        part = stream.backend.delta_gram(chunk.base, chunk.models)
+        gram = part if gram is None else gram + part
+    return gram
+
+
+def write_combination(stream, coefficients: Sequence[float], with_base: bool) -> None:
+    """out = sum_i c_i x_i over the inputs (base first when `with_base`), in fp32."""
+    for chunk in stream.chunks(write=True):
+        inputs = ([chunk.base] if with_base else []) + list(chunk.models)
+        stream.backend.linear(chunk.out, inputs, [float(c) for c in coefficients])
+
+
+def write_base_plus(stream, coefficients: Sequence[float]) -> None:
+    """out = b + sum_i c_i (x_i - b) in fp32, as a task-arithmetic combine (mergekit adds the base last)."""
+    from dtm_fast.merge.specs import GtaSpec, Sparsify
+
+    spec = GtaSpec(tuple(float(c) for c in coefficients), (Sparsify(),) * len(coefficients), None, False, 1.0)
+    for chunk in stream.chunks(write=True):
+        stream.backend.gta(chunk.out, chunk.base, chunk.models, spec, chunk.start)

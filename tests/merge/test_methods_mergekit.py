@@ -1,0 +1,104 @@
+"""Each method run through mergekit-yaml and dtm merge on the same config (tiny Llama models, fp32):
+the outputs agree within 1 ulp, every element. dtm's coefficients come from float64 statistics and
+mergekit's from fp32 ones (torch's summation order), so where the combination cancels (an output
+much smaller than its inputs) the 1 ulp is that of the largest input magnitude at the element:
+the rounding of a coefficient moves an output by that much, however small the output."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import load_state, run_mergekit
+from dtm_fast.cli import main as dtm
+import torch
+
+# mergekit computes these in fp32 step by step (norms and dot products summed in torch's order,
+# unit vectors, tangents, each rounded), and lands a few ulps from its own float64 result; dtm takes
+# float64 statistics and one fp32 combine, and is closer to that result than mergekit's fp32 output
+# (test_closer_to_mergekits_float64_result). The bounds are what these tiny models measure.
+ULPS = {"slerp": 2, "sce": 6, "nuslerp": 6, "multislerp": 8, "karcher": 6}
+# method -> (base_model given, merge parameters, per-model parameters, models)
+CONFIGS = {
+    "slerp": (True, {"t": 0.3}, [{}], 1),
+    "slerp_t_gradient": (True, {"t": [0.0, 0.5, 1.0]}, [{}], 1),
+    "model_stock": (True, {}, [{}] * 3, 3),
+    "model_stock_filter_wise": (True, {"filter_wise": True}, [{}] * 3, 3),
+    "passthrough": (False, {}, [{"scale": 0.7}], 1),
+    "nearswap": (True, {"t": 0.01}, [{}], 1),
+    "ram": (True, {"epsilon": 0.01}, [{}] * 3, 3),
+    "ramplus_tl": (True, {"epsilon": 0.01, "r": 0.5, "alpha": 0.4}, [{}] * 3, 3),
+    "sce": (True, {}, [{}] * 3, 3),
+    "nuslerp": (True, {}, [{"weight": 1.0}, {"weight": 3.0}], 2),
+    "nuslerp_without_base": (False, {}, [{"weight": 1.0}, {"weight": 0.5}], 2),
+    "multislerp": (True, {}, [{"weight": 1.0}, {"weight": 2.0}, {"weight": 0.5}], 3),
+    "multislerp_without_base": (False, {"normalize_weights": False}, [{"weight": 0.3}, {"weight": 0.2}], 2),
+    "karcher": (False, {}, [{}] * 3, 3),
+    "karcher_with_base": (True, {"max_iter": 3}, [{}] * 2, 2),
+}
+
+
+def yaml_text(paths, method: str, base: bool, shared: dict, per_model: list[dict], count: int) -> str:
+    lines = [f"merge_method: {method}", "dtype: float32"]
+    if base:
+        lines.append(f"base_model: {paths['base']}")
+    if shared:
+        lines.append(f"parameters: {shared}")
+    lines.append("models:")
+    for index in range(count):
+        lines.append(f"  - model: {paths[f'm{index}']}")
+        if per_model[index]:
+            lines.append(f"    parameters: {per_model[index]}")
+    return "\n".join(lines) + "\n"
+
+
+def one_ulp(values: torch.Tensor) -> torch.Tensor:
+    magnitude = values.abs()
+    return torch.nextafter(magnitude, torch.full_like(magnitude, float("inf"))) - magnitude
+
+
+def run_both(paths, tmp_path, method: str, base: bool, shared: dict, per_model: list[dict], count: int):
+    config = tmp_path / "merge.yml"
+    config.write_text(yaml_text(paths, method, base, shared, per_model, count))
+    run_mergekit(config, tmp_path / "mergekit")
+    assert dtm(["merge", str(config), str(tmp_path / "dtm"), "--quiet"]) == 0
+    inputs = [load_state(paths["base"])] if base else []
+    inputs += [load_state(paths[f"m{index}"]) for index in range(count)]
+    return load_state(tmp_path / "mergekit"), load_state(tmp_path / "dtm"), inputs
+
+
+def assert_within_ulps(theirs: dict, ours: dict, inputs: list[dict], ulps: int = 1) -> None:
+    assert theirs.keys() == ours.keys()
+    worst = {}
+    for name in ours:
+        assert ours[name].dtype == theirs[name].dtype, name
+        largest = torch.stack([ours[name].abs(), theirs[name].abs(), *(i[name].abs() for i in inputs)]).amax(0)
+        worst[name] = float(((ours[name] - theirs[name]).abs() / one_ulp(largest)).max())
+    assert max(worst.values()) <= ulps, {name: value for name, value in worst.items() if value > ulps}
+
+
+@pytest.mark.parametrize("case", list(CONFIGS))
+def test_a_mergekit_config_gives_mergekits_result(llama_family, tmp_path, case):
+    base, shared, per_model, count = CONFIGS[case]
+    method = case.split("_filter")[0].split("_t_")[0].split("_with")[0]
+    theirs, ours, inputs = run_both(llama_family["fp32"], tmp_path, method, base, shared, per_model, count)
+    assert_within_ulps(theirs, ours, inputs, ULPS.get(method, 1))
+
+
+@pytest.mark.parametrize("case", ["slerp", "nuslerp", "multislerp", "karcher", "sce"])
+def test_closer_to_mergekits_float64_result(llama_family, tmp_path, case):
+    """mergekit computing in float64 (dtype: float64, out_dtype: float32) is the definition rounded
+    once; dtm's fp32 output is, tensor by tensor, at most as far from it as mergekit's fp32 output
+(give or take one ulp: a tensor both get nearly right, such as a norm's weights)."""
+    base, shared, per_model, count = CONFIGS[case]
+    paths = llama_family["fp32"]
+    theirs, ours, inputs = run_both(paths, tmp_path, case, base, shared, per_model, count)
+    exact_config = tmp_path / "float64.yml"
+    exact_config.write_text(yaml_text(paths, case, base, shared, per_model, count).replace(
+        "dtype: float32", "dtype: float64\nout_dtype: float32"))
+    run_mergekit(exact_config, tmp_path / "float64")
+    exact = load_state(tmp_path / "float64")
+    for name in ours:
+        ours_error = float((ours[name].double() - exact[name].double()).abs().max())
+        theirs_error = float((theirs[name].double() - exact[name].double()).abs().max())
+        slack = float(one_ulp(exact[name].abs().amax()))
+        assert ours_error <= theirs_error + slack, f"{name}: dtm {ours_error:.3g} from the float64 result, mergekit {theirs_error:.3g}"
