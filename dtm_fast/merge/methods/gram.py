@@ -10,8 +10,30 @@ from typing import Sequence
 
 import numpy as np
 
+from dtm_fast.merge.methods.base import MergeMethod
+
+def arc_coefficients(cos: float, t: float) -> tuple[float, float]:
+    """(c_a, c_b) of the great-circle point at t between unit directions whose cosine is `cos`:
+    sin((1 - t) theta) / sin theta, sin(t theta) / sin theta (each method decides first when the
+    directions are too close to parallel for this, and interpolates linearly then)."""
+    import math
+
+    theta = math.acos(cos)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
 # what the statistics pass holds per chunk element: a zero chunk in the inputs' dtype (at most fp32)
 GRAM_BYTES_PER_ELEMENT = 4
+
+
+class GramMethod(MergeMethod):
+    """A method that reads each tensor twice: the Gram pass, then the combine."""
+
+    def has_statistics_pass(self, params):
+        return True
+
+    def statistics_bytes_per_element(self, num_models):
+        return GRAM_BYTES_PER_ELEMENT
 
 
 def has_base(stream) -> bool:

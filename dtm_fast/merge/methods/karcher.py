@@ -11,8 +11,8 @@ import math
 
 import numpy as np
 
-from dtm_fast.merge.methods.base import MergeMethod, Param, non_negative, positive
-from dtm_fast.merge.methods.gram import GRAM_BYTES_PER_ELEMENT, input_gram, write_combination
+from dtm_fast.merge.methods.base import Param, non_negative, positive
+from dtm_fast.merge.methods.gram import GramMethod, input_gram, write_combination
 
 
 def _norm(coefficients: np.ndarray, units: np.ndarray) -> float:
@@ -51,7 +51,7 @@ def karcher_coefficients(gram: np.ndarray, max_iter: int, tol: float) -> np.ndar
     return scale * mean / safe
 
 
-class Karcher(MergeMethod):
+class Karcher(GramMethod):
     name = "karcher"
     summary = "Riemannian (Karcher) mean of the models' directions, times their mean norm"
     needs_base = False
@@ -60,12 +60,6 @@ class Karcher(MergeMethod):
         Param("max_iter", "global", int, 10, non_negative, help="iterations of the mean at most"),
         Param("tol", "global", float, 1e-5, positive, help="step size at which the iteration stops"),
     )
-
-    def has_statistics_pass(self, params):
-        return True
-
-    def statistics_bytes_per_element(self, num_models):
-        return GRAM_BYTES_PER_ELEMENT
 
     def merge(self, params, stream):
         if len(stream.models) == 1:

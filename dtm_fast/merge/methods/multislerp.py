@@ -11,9 +11,9 @@ import math
 import numpy as np
 
 from dtm_fast.errors import DtmError
-from dtm_fast.merge.methods.base import MergeMethod, Param, positive
+from dtm_fast.merge.methods.base import Param, positive
 from dtm_fast.merge.methods.gram import (
-    GRAM_BYTES_PER_ELEMENT, delta_gram, has_base, input_gram, write_base_plus, write_combination,
+    GramMethod, delta_gram, has_base, input_gram, write_base_plus, write_combination,
 )
 
 
@@ -37,7 +37,7 @@ def multislerp_coefficients(gram: np.ndarray, weights: np.ndarray, eps: float, w
     return result * float(norms @ weights) / scale
 
 
-class Multislerp(MergeMethod):
+class Multislerp(GramMethod):
     name = "multislerp"
     summary = "barycentric interpolation of any number of models on the hypersphere"
     needs_base = False
@@ -47,12 +47,6 @@ class Multislerp(MergeMethod):
         Param("normalize_weights", "global", bool, True, help="divide the weights by their sum"),
         Param("eps", "global", float, 1e-8, positive, help="numerical floor of norms"),
     )
-
-    def has_statistics_pass(self, params):
-        return True
-
-    def statistics_bytes_per_element(self, num_models):
-        return GRAM_BYTES_PER_ELEMENT
 
     def merge(self, params, stream):
         based = has_base(stream)

@@ -8,9 +8,9 @@ Per-row nuslerp (`nuslerp_flatten: false`) is not supported yet and is refused."
 import math
 
 from dtm_fast.errors import DtmError
-from dtm_fast.merge.methods.base import MergeMethod, Param
+from dtm_fast.merge.methods.base import Param
 from dtm_fast.merge.methods.gram import (
-    GRAM_BYTES_PER_ELEMENT, delta_gram, has_base, input_gram, write_base_plus, write_combination,
+    GramMethod, arc_coefficients, delta_gram, has_base, input_gram, write_base_plus, write_combination,
 )
 
 NORM_FLOOR = 1e-7  # mergekit's _normalize clamp
@@ -22,11 +22,10 @@ def nuslerp_coefficients(gram, t: float) -> tuple[float, float]:
     cos = min(1.0, max(-1.0, float(gram[0, 1]) / (norms[0] * norms[1])))
     if 1 - cos * cos <= COLINEAR_EPS ** 2:
         return 1 - t, t
-    theta = math.acos(cos)
-    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    return arc_coefficients(cos, t)
 
 
-class Nuslerp(MergeMethod):
+class Nuslerp(GramMethod):
     name = "nuslerp"
     summary = "SLERP of two models (or their task vectors) with weight-set t"
     needs_base = False
@@ -43,12 +42,6 @@ class Nuslerp(MergeMethod):
         if not params["nuslerp_flatten"]:
             raise DtmError(f"{where}: nuslerp_flatten: false (per-row nuslerp) is not supported by dtm merge yet; "
                            "use nuslerp_flatten: true or slerp with per_row: true")
-
-    def has_statistics_pass(self, params):
-        return True
-
-    def statistics_bytes_per_element(self, num_models):
-        return GRAM_BYTES_PER_ELEMENT
 
     def merge(self, params, stream):
         first, second = (float(w) for w in params.model("weight"))

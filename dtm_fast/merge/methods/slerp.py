@@ -11,7 +11,7 @@ in torch's order), so its coefficients are a few fp32 roundings off these: outpu
 import math
 
 from dtm_fast.merge.methods.base import MergeMethod, Param, in_unit
-from dtm_fast.merge.methods.gram import GRAM_BYTES_PER_ELEMENT, input_gram, write_combination
+from dtm_fast.merge.methods.gram import GRAM_BYTES_PER_ELEMENT, arc_coefficients, input_gram, write_combination
 
 DOT_THRESHOLD = 0.9995  # mergekit's: nearly collinear vectors interpolate linearly
 EPS = 1e-8  # norms below it count as 1 (a zero tensor), as in mergekit
@@ -25,8 +25,7 @@ def slerp_coefficients(norm_sq_a: float, norm_sq_b: float, dot_ab: float, t: flo
     dot = min(1.0, max(-1.0, dot_ab / (norm_a * norm_b)))
     if abs(dot) > DOT_THRESHOLD:
         return 1 - t, t
-    theta = math.acos(dot)
-    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    return arc_coefficients(dot, t)
 
 
 class Slerp(MergeMethod):
