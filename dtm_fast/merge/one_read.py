@@ -226,12 +226,7 @@ def keep_mask(keys: np.ndarray, flat: np.ndarray, rule: Sparsify) -> np.ndarray:
     """As the reference's keep_mask for 'none' and 'band' rules, on kept-aside keys (uint32)."""
     if rule.kind == "none":
         return np.ones(len(keys), dtype=bool)
-    if rule.high_key < 0 or rule.low_key > rule.high_key:
-        return np.zeros(len(keys), dtype=bool)  # an empty band
-    low, high = np.uint32(rule.low_key), np.uint32(rule.high_key)
-    low_ok = (keys > low) | ((keys == low) & (flat >= rule.low_from) & (flat < rule.low_to))
-    high_ok = (keys < high) | ((keys == high) & (flat >= rule.high_from) & (flat < rule.high_to))
-    return low_ok & high_ok
+    return rule.band_keeps(keys, flat)
 
 
 def patch_undecided(stream, kept: KeptAside, dtypes: list[str], rules: list[Sparsify], make_spec, last) -> bool:

@@ -30,6 +30,15 @@ class Sparsify:
     high_from: int = 0
     high_to: int = INDEX_END
 
+    def band_keeps(self, keys, index):
+        """Which elements a "band" rule keeps, from their magnitude keys and flat indices: numpy
+        arrays or torch tensors alike (the reference and the one-read patching share this)."""
+        if self.high_key < 0 or self.low_key > self.high_key:
+            return keys != keys  # an empty band: nothing (and no negative bound against unsigned keys)
+        low_ok = (keys > self.low_key) | ((keys == self.low_key) & (index >= self.low_from) & (index < self.low_to))
+        high_ok = (keys < self.high_key) | ((keys == self.high_key) & (index >= self.high_from) & (index < self.high_to))
+        return low_ok & high_ok
+
 
 @dataclass(frozen=True)
 class GtaSpec:

@@ -242,11 +242,7 @@ def keep_mask(delta: "torch.Tensor", rule: Sparsify, start: int) -> "torch.Tenso
     if rule.kind == "band":
         import torch
 
-        keys = magnitude_keys(delta)
-        index = torch.arange(start, start + delta.numel(), device=delta.device)
-        low_ok = (keys > rule.low_key) | ((keys == rule.low_key) & (index >= rule.low_from) & (index < rule.low_to))
-        high_ok = (keys < rule.high_key) | ((keys == rule.high_key) & (index >= rule.high_from) & (index < rule.high_to))
-        return low_ok & high_ok
+        return rule.band_keeps(magnitude_keys(delta), torch.arange(start, start + delta.numel(), device=delta.device))
     if rule.kind == "random":
         return rng.keep_mask(rule.philox_key, start, delta.numel(), rule.threshold).to(delta.device)
     raise ValueError(f"unknown sparsification {rule.kind!r}")
