@@ -24,6 +24,7 @@ namespace {
 
 #include "ops_common.h"
 #include "ops_combine.h"
+#include "ops_methods.h"
 #include "ops_statistics.h"
 #include "ops_rows.h"  // uses the Gram tiles of ops_statistics.h
 #include "ops_thresholds.h"

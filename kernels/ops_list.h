@@ -79,4 +79,15 @@
                    double density, double epsilon, uint32_t key_low, uint32_t key_high, float scale,            \
                    int64_t start, int64_t n, double* total_l1, double* kept_l1),                                 \
     (out, out_dtype, base, model, dtype, row_length, density, epsilon, key_low, key_high, scale, start, n,      \
-     total_l1, kept_l1))
+     total_l1, kept_l1))                                                                                         \
+  /* nearswap: w = clamp(t / max(|b - x|, 1e-6), 0, 1); out = w x + (1 - w) b */                              \
+  X(nearswap, (void* out, int out_dtype, const void* base, const void* model, int dtype, float t, int64_t n),    \
+    (out, out_dtype, base, model, dtype, t, n))                                                                  \
+  /* RAM: deltas above epsilon, kept whole (times unique_scales[m]) where one model has one, else averaged */  \
+  X(ram, (void* out, int out_dtype, const void* base, const void* const* models, int dtype, int64_t num_models,  \
+          float epsilon, const float* unique_scales, int64_t n),                                                 \
+    (out, out_dtype, base, models, dtype, num_models, epsilon, unique_scales, n))                                \
+  /* counts[2m], counts[2m + 1] = model m's shared and unique contributions (|x_m - b| > epsilon) */          \
+  X(ram_counts, (const void* base, const void* const* models, int dtype, int64_t num_models, float epsilon,      \
+                 int64_t n, int64_t* counts),                                                                    \
+    (base, models, dtype, num_models, epsilon, n, counts))

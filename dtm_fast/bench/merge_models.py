@@ -129,28 +129,56 @@ def _write_model(directory: Path, preset: Preset, seed: int, base_dir: Path | No
 
 
 def build_models(workdir: Path, preset: Preset, models: int, noise: float) -> tuple[Path, list[Path]]:
-    """The base and `models` fine-tunes under workdir/<preset>, built unless already there."""
+    """The base and `models` fine-tunes under workdir/<preset>, built unless already there.
+
+    Runs that share a --workdir share its models: each holds a shared lock on them until it exits,
+    and one that must rebuild them (other settings) waits for an exclusive one. A directory in the
+    way that this benchmark did not build (no manifest) is never deleted."""
+    import fcntl
+
+    from dtm_fast.errors import DtmError
+
     root = workdir / preset.name
     wanted = {"preset": asdict(preset), "models": models, "noise": noise, "version": 1}
     manifest = root / MANIFEST
     base = root / "base"
     tuned = [root / f"ft-{index}" for index in range(models)]
-    if manifest.is_file() and json.loads(manifest.read_text()) == wanted and all(
-            (path / "config.json").is_file() for path in [base, *tuned]):
+
+    def present() -> bool:
+        return manifest.is_file() and json.loads(manifest.read_text()) == wanted and all(
+            (path / "config.json").is_file() for path in [base, *tuned])
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = open(workdir / f".{preset.name}.lock", "a+")
+    _HELD_LOCKS.append(lock)  # held until the process exits: other runs may not rebuild the models meanwhile
+    fcntl.flock(lock, fcntl.LOCK_SH)
+    if present():
         log.info("reusing the synthetic models in %s", root)
         return base, tuned
-    import shutil
+    fcntl.flock(lock, fcntl.LOCK_EX)  # waits for the runs still reading other models there
+    try:
+        if present():  # another run built them meanwhile
+            return base, tuned
+        if root.exists() and not manifest.is_file():
+            raise DtmError(f"{root} exists and was not built by dtm bench (it has no {MANIFEST}); "
+                           "choose another --workdir, or move that directory away")
+        import shutil
 
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
-    log.info("building %s: base + %d fine-tunes of %.2f GB each in %s", preset.name, models,
-             preset.parameter_count() * 2 / 1e9, root)
-    _write_model(base, preset, seed=0, base_dir=None, noise=0.0)
-    for index, path in enumerate(tuned, start=1):
-        _write_model(path, preset, seed=index, base_dir=base, noise=noise)
-    manifest.write_text(json.dumps(wanted, indent=1))
-    return base, tuned
+        if root.exists():
+            shutil.rmtree(root)  # this benchmark's models, built with other settings
+        root.mkdir(parents=True)
+        log.info("building %s: base + %d fine-tunes of %.2f GB each in %s", preset.name, models,
+                 preset.parameter_count() * 2 / 1e9, root)
+        _write_model(base, preset, seed=0, base_dir=None, noise=0.0)
+        for index, path in enumerate(tuned, start=1):
+            _write_model(path, preset, seed=index, base_dir=base, noise=noise)
+        manifest.write_text(json.dumps(wanted, indent=1))
+        return base, tuned
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+
+
+_HELD_LOCKS: list = []
 
 
 def checkpoint_files(directory: Path) -> list[Path]:

@@ -10,6 +10,7 @@ import platform
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,43 +92,46 @@ class Measurements:
         machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
                    "mergekit": mergekit_version, "load_before": os.getloadavg()}
         baseline = merge_runs.interpreter_baseline(logs / "baseline.log")
-        scratch = workdir / "outputs"
-        scratch.mkdir(exist_ok=True)
-        configs = {method: merge_runs.write_config(method, base, models, logs) for method in args.methods}
-        for repetition in range(max(args.repeats, args.mergekit_repeats)):
-            for method in args.methods:
-                merged = merge_runs.merged_models(method, models)
-                inputs = ([base] if merge_runs.BENCH_METHODS[method].base else []) + merged
-                if repetition < args.repeats:
-                    files = [f for path in inputs for f in model_files[path]]
-                    read_s = merge_runs.read_files_s(files, buffer)
-                    entry("floor", method, "", inputs).walls_s.append(
-                        read_s + merge_runs.write_bytes_s(scratch / "floor.bin", out_bytes, buffer))
-                    # a published output is durable: the floor of writing it with an fsync
-                    read_s = merge_runs.read_files_s(files, buffer)
-                    entry("floor+fsync", method, "", inputs).walls_s.append(
-                        read_s + merge_runs.write_bytes_s(scratch / "floor.bin", out_bytes, buffer, durable=True))
-                    for backend in backends:
-                        target = scratch / f"dtm-{method}-{backend}"
+        # this run's own outputs (runs that share a --workdir share only its models), removed at the end
+        scratch = Path(tempfile.mkdtemp(prefix="outputs-", dir=workdir))
+        try:
+            configs = {method: merge_runs.write_config(method, base, models, logs) for method in args.methods}
+            for repetition in range(max(args.repeats, args.mergekit_repeats)):
+                for method in args.methods:
+                    merged = merge_runs.merged_models(method, models)
+                    inputs = ([base] if merge_runs.BENCH_METHODS[method].base else []) + merged
+                    if repetition < args.repeats:
+                        files = [f for path in inputs for f in model_files[path]]
+                        read_s = merge_runs.read_files_s(files, buffer)
+                        entry("floor", method, "", inputs).walls_s.append(
+                            read_s + merge_runs.write_bytes_s(scratch / "floor.bin", out_bytes, buffer))
+                        # a published output is durable: the floor of writing it with an fsync
+                        read_s = merge_runs.read_files_s(files, buffer)
+                        entry("floor+fsync", method, "", inputs).walls_s.append(
+                            read_s + merge_runs.write_bytes_s(scratch / "floor.bin", out_bytes, buffer, durable=True))
+                        for backend in backends:
+                            target = scratch / f"dtm-{method}-{backend}"
+                            shutil.rmtree(target, ignore_errors=True)
+                            command = merge_runs.dtm_command(configs[method], target, None if backend == "auto" else backend,
+                                                             args.max_memory)
+                            ui.info(f"[{repetition + 1}] dtm merge {configs[method].name} (backend {backend})")
+                            measured = merge_runs.run_measured(command, logs / f"dtm-{method}-{backend}.log")
+                            shutil.rmtree(target, ignore_errors=True)
+                            record = entry("dtm", method, backend, inputs)
+                            record.walls_s.append(measured.wall_s)
+                            record.peak_rss_bytes.append(measured.peak_rss_bytes)
+                    if mergekit_version and repetition < args.mergekit_repeats:
+                        target = scratch / f"mergekit-{method}"
                         shutil.rmtree(target, ignore_errors=True)
-                        command = merge_runs.dtm_command(configs[method], target, None if backend == "auto" else backend,
-                                                         args.max_memory)
-                        ui.info(f"[{repetition + 1}] dtm merge {configs[method].name} (backend {backend})")
-                        measured = merge_runs.run_measured(command, logs / f"dtm-{method}-{backend}.log")
+                        command = merge_runs.mergekit_command(configs[method], target)
+                        ui.info(f"[{repetition + 1}] mergekit-yaml {configs[method].name}")
+                        measured = merge_runs.run_measured(command, logs / f"mergekit-{method}.log")
                         shutil.rmtree(target, ignore_errors=True)
-                        record = entry("dtm", method, backend, inputs)
+                        record = entry("mergekit", method, "", inputs)
                         record.walls_s.append(measured.wall_s)
                         record.peak_rss_bytes.append(measured.peak_rss_bytes)
-                if mergekit_version and repetition < args.mergekit_repeats:
-                    target = scratch / f"mergekit-{method}"
-                    shutil.rmtree(target, ignore_errors=True)
-                    command = merge_runs.mergekit_command(configs[method], target)
-                    ui.info(f"[{repetition + 1}] mergekit-yaml {configs[method].name}")
-                    measured = merge_runs.run_measured(command, logs / f"mergekit-{method}.log")
-                    shutil.rmtree(target, ignore_errors=True)
-                    record = entry("mergekit", method, "", inputs)
-                    record.walls_s.append(measured.wall_s)
-                    record.peak_rss_bytes.append(measured.peak_rss_bytes)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         machine["load_after"] = os.getloadavg()
         inputs_bytes = sum(merge_runs.model_bytes(path) for path in [base, *models])
         return cls(preset.name, "dtm bench merge " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "merge"]

@@ -10,14 +10,16 @@ elements of equal magnitude):
   TIES ("ascending" ties): among elements tied at the threshold, the lowest indices are kept;
   breadcrumbs ("descending"): its ascending sort keeps the highest-index ties at the lower bound
   and the lowest-index ties at the upper bound.
-The index where ties stop being kept is found by counting tied keys chunk by chunk
-(`abs_delta_key_position`), only for a bound that splits its ties. `threshold_ties: all` keeps every
-tied element instead (more than k when magnitudes repeat).
+The index where ties stop being kept is found during the combine itself (`ChunkRules`): the
+running count of tied keys (`abs_delta_key_position` on each chunk, only for a bound that splits its
+ties) reaches the wanted ordinal in some chunk, and every chunk before it keeps (or drops) all of its
+tied elements, so no pass of its own is needed. `threshold_ties: all` keeps every tied element
+instead (more than k when magnitudes repeat).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dtm_fast.merge.magnitude import RadixSearch, RankedKey, bracketed_select, new_histogram, sorted_select
 from dtm_fast.merge.specs import INDEX_END, NO_UPPER_KEY, Sparsify
@@ -32,27 +34,83 @@ class Band:
     tie_order: str  # "ascending" or "descending": the flat-index order in which tied elements are ranked
 
 
-def band_rules(stream, bands: list[Band | None], keep_all_ties: bool) -> list[Sparsify | None]:
-    """The Sparsify rule of each model's band (None for a model without one)."""
-    # rank 1 as an upper bound needs no search (nothing lies above it); as the lower bound it does
-    wanted = [[] if b is None or b.last < b.first else sorted(({b.first} - {1}) | {b.last}) for b in bands]
+@dataclass(frozen=True)
+class Bounds:
+    """The keys at a band's last and first ranks (high is None for a band that starts at rank 1)."""
+
+    low: RankedKey
+    high: RankedKey | None
+
+
+def wanted_ranks(band: Band | None) -> list[int]:
+    """The descending ranks whose keys bound `band` (rank 1 as an upper bound needs no search:
+    nothing lies above it; as the lower bound it does)."""
+    return [] if band is None or band.last < band.first else sorted(({band.first} - {1}) | {band.last})
+
+
+def find_bounds(stream, bands: list[Band | None]) -> list[Bounds | None]:
+    """The keys bounding each model's band (None for a model without one, or an empty band)."""
+    wanted = [wanted_ranks(band) for band in bands]
     found = select(stream, wanted) if any(wanted) else [{} for _ in bands]
-    rules: list[Sparsify | None] = []
-    for index, band in enumerate(bands):
-        if band is None:
-            rules.append(None)
-        elif band.last < band.first:
-            rules.append(EMPTY)
-        else:
-            low = found[index][band.last]
-            high = found[index][band.first] if band.first > 1 else None
-            rules.append(band_rule(band, low, high, keep_all_ties,
-                                   lambda key, ordinals, index=index: tie_positions(stream, index, key, ordinals)))
-    return rules
+    return [Bounds(found[index][band.last], found[index][band.first] if band.first > 1 else None)
+            if ranks else None for index, (band, ranks) in enumerate(zip(bands, wanted))]
+
+
+class ChunkRules:
+    """Each model's rule for the chunks of a combine pass, in order. Where a bound splits its ties,
+    the flat index of the wanted tied element is found in the chunk where the running count of tied
+    keys reaches it; until then a chunk's tied elements all lie on one side of it, which the rule
+    for that chunk says by an index range that ends (or starts) past the tensor."""
+
+    def __init__(self, stream, bands: list[Band | None], bounds: list[Bounds | None], keep_all_ties: bool):
+        self.backend, self.numel = stream.backend, stream.context.numel
+        self.bands, self.bounds, self.keep_all_ties = bands, bounds, keep_all_ties
+        self.ties: dict[tuple[int, int], _TieCount] = {}
+
+    def for_chunk(self, chunk) -> list[Sparsify]:
+        rules = []
+        for index, (band, bounds) in enumerate(zip(self.bands, self.bounds)):
+            if band is None:
+                rules.append(Sparsify())
+            elif band.last < band.first:
+                rules.append(EMPTY)
+            else:
+                def locate(key: int, ordinals: list[int], index=index) -> dict[int, int]:
+                    count = self.ties.setdefault((index, key), _TieCount(sorted(set(ordinals))))
+                    return count.through(self.backend, chunk, index, key, self.numel)
+                rules.append(band_rule(band, bounds.low, bounds.high, self.keep_all_ties, locate))
+        return rules
+
+
+@dataclass
+class _TieCount:
+    """Where the wanted ordinals of the elements tied at one key lie, chunk by chunk."""
+
+    pending: list[int]
+    before: int = 0  # tied elements in the chunks counted so far
+    counted_through: int = -1  # start of the last chunk counted
+    found: dict[int, int] = field(default_factory=dict)
+
+    def through(self, backend, chunk, model: int, key: int, numel: int) -> dict[int, int]:
+        """The flat indices of the wanted ordinals that lie in this chunk or an earlier one."""
+        if self.pending and chunk.start > self.counted_through:
+            self.counted_through = chunk.start
+            count = 0
+            while self.pending:
+                count, position = backend.abs_delta_key_position(chunk.base, chunk.models[model], key,
+                                                                 self.pending[0] - self.before)
+                if position < 0:
+                    break
+                self.found[self.pending.pop(0)] = chunk.start + position
+            self.before += count
+            if self.pending and chunk.start + chunk.count >= numel:
+                raise RuntimeError(f"fewer elements tied at key {key} than counted")
+        return self.found
 
 
 def select(stream, wanted: list[list[int]]) -> list[dict[int, RankedKey]]:
-    """The keys at the wanted descending ranks of every model."""
+    """The keys at the wanted descending ranks of every model: sorted on a whole tensor, else one
+    bracketed pass, then two radix passes for the ranks its brackets missed."""
     if stream.holds_whole_tensor:
         return sorted_select(stream, wanted)
     found = bracketed_select(stream, wanted)
@@ -89,31 +147,10 @@ def _tie_range(band: Band, bound: RankedKey, locate) -> tuple[int, int]:
     if first <= 1 and last >= bound.ties:
         return 0, INDEX_END  # every tied element is kept
     needed = ([first] if first > 1 else []) + ([last] if last < bound.ties else [])
-    positions = locate(bound.key, needed)
-    start = positions[first] if first > 1 else 0
-    stop = positions[last] + 1 if last < bound.ties else INDEX_END
+    positions = locate(bound.key, needed)  # an ordinal not located yet lies past every index so far
+    start = positions.get(first, INDEX_END) if first > 1 else 0
+    stop = positions[last] + 1 if last < bound.ties and last in positions else INDEX_END
     return start, stop
-
-
-def tie_positions(stream, index: int, key: int, ordinals: list[int]) -> dict[int, int]:
-    """Flat index of the n-th element (in index order) whose |x - b| key equals `key`, for each n."""
-    backend = stream.backend
-    pending = sorted(set(ordinals))
-    found: dict[int, int] = {}
-    before = 0
-    for chunk in stream.chunks():
-        count = 0
-        while pending:
-            count, position = backend.abs_delta_key_position(chunk.base, chunk.models[index], key, pending[0] - before)
-            if position < 0:
-                break
-            found[pending.pop(0)] = chunk.start + position
-        if not pending:
-            break
-        before += count
-    if pending:
-        raise RuntimeError(f"tensor {stream.context.name!r}: fewer elements tied at key {key} than counted")
-    return found
 
 
 def radix_select(stream, ranks_per_model: list[list[int]]) -> list[dict[int, RankedKey]]:

@@ -146,11 +146,19 @@ class BracketedSearch:
         """Where the next collected keys go (empty once full)."""
         return self.collected[min(self.in_range, len(self.collected)):]
 
+    def brackets_its_rank(self) -> bool:
+        """Whether the pass found the answer: the bracket holds the rank, and its keys all fit the
+        buffer or are one key (heavily tied bf16 deltas: a bracket that is one key of many elements)."""
+        complete = self.in_range <= len(self.collected) or self.low == self.high
+        return complete and 1 <= self.rank - self.above <= self.in_range
+
     def key(self) -> RankedKey | None:
         """The exact key, or None when the bracket missed the rank or overflowed its buffer."""
-        position = self.rank - self.above  # descending rank among the collected keys
-        if self.in_range > len(self.collected) or not 1 <= position <= self.in_range:
+        if not self.brackets_its_rank():
             return None
+        if self.low == self.high:
+            return RankedKey(self.low, self.above, self.in_range)
+        position = self.rank - self.above  # descending rank among the collected keys
         index = self.in_range - position
         keys = self.collected[:self.in_range]
         keys.sort()  # in place (the buffer is not needed afterwards); see bracket() on partitions

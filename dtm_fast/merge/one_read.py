@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dtm_fast.merge.bands import EMPTY, Band, band_rule
+from dtm_fast.merge.bands import EMPTY, Band, band_rule, wanted_ranks
 from dtm_fast.merge.kept_aside import KeptAside, directory_of, patch, widen
 from dtm_fast.merge import magnitude
 from dtm_fast.merge.magnitude import BINS, SAMPLE_ELEMENTS, RankedKey, _from_top, sample_keys
@@ -59,11 +59,6 @@ def applies(stream, bands: list[Band | None]) -> bool:
     first = min(stream.context.numel, stream.chunk_elements)
     return (not stream.holds_whole_tensor and stream.base_entry is not None and first >= 4 * SAMPLE_ELEMENTS
             and stream.out_fd is not None and any(b is not None and b.last >= b.first for b in bands))
-
-
-def wanted_ranks(band: Band | None) -> list[int]:
-    # rank 1 as an upper bound needs no search (nothing lies above it)
-    return [] if band is None or band.last < band.first else sorted(({band.first} - {1}) | {band.last})
 
 
 def per_band(bands: list[Band | None], rule) -> list[Sparsify]:

@@ -115,6 +115,25 @@ def check_fisher(backend, count, in_dtype, out_dtype, models=3, special=False):
     assert_within_ulps(actual, expected, backend.ulps)
 
 
+def check_nearswap(backend, count, in_dtype, out_dtype, special=False):
+    base, (model,) = chunk_inputs(count, in_dtype, 1, seed=23 * count + 1, special=special)
+    for t in (1e-3, 0.05, 0.0):  # distances around t: weights strictly between 0 and 1 as well as clamped
+        expected, actual = outputs(count, out_dtype)
+        REFERENCE.nearswap(expected, base, model, t)
+        backend.nearswap(actual, base, model, t)
+        assert_within_ulps(actual, expected, backend.ulps)
+
+
+def check_ram(backend, count, in_dtype, out_dtype, models=3, special=False):
+    base, inputs = chunk_inputs(count, in_dtype, models, seed=29 * count + models, special=special)
+    for epsilon, scales in ((1e-3, [1.0] * models), (1e-5, [1.15, 1.0, 1.2, 1.05][:models])):
+        expected, actual = outputs(count, out_dtype)
+        REFERENCE.ram(expected, base, inputs, epsilon, scales)
+        backend.ram(actual, base, inputs, epsilon, scales)
+        assert_within_ulps(actual, expected, backend.ulps)
+        assert backend.ram_counts(base, inputs, epsilon) == REFERENCE.ram_counts(base, inputs, epsilon)
+
+
 def check_histograms(backend, count, in_dtype, special=False):
     """Both radix-select passes: the high-16-bit histogram, then the low bits of its fullest finite bucket."""
     base, (model,) = chunk_inputs(count, in_dtype, 1, seed=5 * count, special=special)

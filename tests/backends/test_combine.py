@@ -1,5 +1,5 @@
 """Elementwise combines (linear, generalised task arithmetic with every sparsification, model stock,
-Fisher) of every accelerated backend against the reference, for every input/output dtype pair, at
+Fisher, nearswap, RAM and its counts) of every accelerated backend against the reference, for every input/output dtype pair, at
 each backend's block boundaries, with and without NaN/Inf in the inputs."""
 
 from __future__ import annotations
@@ -101,3 +101,27 @@ def test_task_arithmetic_is_base_plus_the_deltas(backend):
     b = base.float()
     deltas = sum(w * (m.float() - b) for w, m in zip((1.0, 0.5, -0.25), models))
     cases.assert_within_ulps(actual, (b + 0.75 * deltas).bfloat16(), 1)
+
+
+@pytest.mark.parametrize("size", SIZE_NAMES)
+@pytest.mark.parametrize("in_dtype,out_dtype", DTYPE_PAIRS, ids=PAIR_IDS)
+def test_nearswap(accelerated, size, in_dtype, out_dtype):
+    cases.check_nearswap(accelerated, accelerated.size(size), in_dtype, out_dtype)
+
+
+@pytest.mark.parametrize("size", SIZE_NAMES)
+@pytest.mark.parametrize("in_dtype,out_dtype", DTYPE_PAIRS, ids=PAIR_IDS)
+def test_ram(accelerated, size, in_dtype, out_dtype):
+    cases.check_ram(accelerated, accelerated.size(size), in_dtype, out_dtype)
+
+
+@pytest.mark.parametrize("in_dtype,out_dtype", DTYPE_PAIRS, ids=PAIR_IDS)
+def test_nearswap_and_ram_with_nan_and_inf(accelerated, in_dtype, out_dtype):
+    for size in ("odd", "many-blocks"):
+        cases.check_nearswap(accelerated, accelerated.size(size), in_dtype, out_dtype, special=True)
+        cases.check_ram(accelerated, accelerated.size(size), in_dtype, out_dtype, special=True)
+
+
+@pytest.mark.parametrize("models", [1, 2, 4])
+def test_ram_model_counts(accelerated, models):
+    cases.check_ram(accelerated, accelerated.size("many-blocks"), torch.float32, torch.float32, models=models)

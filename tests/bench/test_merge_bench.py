@@ -113,6 +113,39 @@ def test_tiny_end_to_end_run(tmp_path, monkeypatch):
     dtm = next(s for s in record["series"] if s["tool"] == "dtm")
     assert len(dtm["walls_s"]) == 2 and min(dtm["peak_rss_bytes"]) > record["baseline_rss_bytes"] // 2
     assert (tmp_path / "out" / "chart.png").stat().st_size > 1000
+    # the run's outputs went to a directory of its own, removed at the end; the models stay for reuse
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [".tiny.lock", "tiny"]
+
+
+def test_a_directory_the_benchmark_did_not_build_is_never_deleted(tmp_path):
+    from dtm_fast.errors import DtmError
+
+    mine = tmp_path / "tiny" / "notes.txt"
+    mine.parent.mkdir()
+    mine.write_text("the user's own file")
+    with pytest.raises(DtmError, match="was not built by dtm bench"):
+        merge_models.build_models(tmp_path, TINY, models=2, noise=1e-3)
+    assert mine.read_text() == "the user's own file"
+
+
+def test_models_built_with_other_settings_wait_for_the_runs_reading_them(tmp_path):
+    """A run holds a shared lock on the models it reads until it exits; a rebuild needs them all gone."""
+    import subprocess
+    import time
+
+    merge_models.build_models(tmp_path, TINY, models=2, noise=1e-3)  # this process now holds a shared lock
+    script = ("import sys; from dtm_fast.bench import merge_models as m; "
+              "from tests.bench.test_merge_bench import TINY; "
+              "m.build_models(__import__('pathlib').Path(sys.argv[1]), TINY, models=3, noise=1e-3)")
+    started = time.monotonic()
+    rebuild = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=Path(__file__).parents[2])
+    time.sleep(3)
+    assert rebuild.poll() is None and (tmp_path / "tiny" / "ft-1").is_dir()  # waiting; the models intact
+    for lock in merge_models._HELD_LOCKS:
+        lock.close()  # as this process's exit would
+    merge_models._HELD_LOCKS.clear()
+    assert rebuild.wait(timeout=120) == 0 and time.monotonic() - started >= 3
+    assert (tmp_path / "tiny" / "ft-2").is_dir()
 
 
 def test_workdir_inside_the_repository_is_refused(tmp_path):

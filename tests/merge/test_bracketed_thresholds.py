@@ -83,3 +83,16 @@ def test_a_bracket_that_overflows_falls_back_to_the_radix_select(bf16_big_family
     merged_equals_reference(bf16_big_family, tmp_path, "ties", [{"density": 0.5}] * 3, "auto", max_memory=40 * 2**20)
     assert outcomes["one_read_fallback"] == 1 and outcomes["overflow"] == 3
 
+
+
+def test_a_one_key_bracket_needs_no_buffer():
+    """Heavily tied bf16 deltas give brackets that are one key of many elements: counting them is
+    enough (hand-built searches: 3 keys above, 10 equal to the bracket's one key, buffer of 2)."""
+    import numpy as np
+
+    one_key = magnitude.BracketedSearch(0, 5, 7, 7, np.empty(2, dtype=np.uint32), above=3, in_range=10)
+    assert one_key.key() == magnitude.RankedKey(7, 3, 10)
+    two_keys = magnitude.BracketedSearch(0, 5, 7, 8, np.empty(2, dtype=np.uint32), above=3, in_range=10)
+    assert two_keys.key() is None  # overflowed: which of the two keys holds rank 5 is unknown
+    missed = magnitude.BracketedSearch(0, 14, 7, 7, np.empty(2, dtype=np.uint32), above=3, in_range=10)
+    assert missed.key() is None  # rank 14 lies below the bracket

@@ -122,6 +122,15 @@ class CpuBackend(ReferenceBackend):
                                 int(spec.normalize), divisor, spec.lambda_, start, count), "gta")
         target.finish()
 
+    def ram_counts(self, base, models, epsilon: float) -> list[tuple[int, int]]:
+        if not supported([base, *models]):
+            return _reference("ram_counts")(self, base, models, epsilon)
+        inputs = KernelInputs([base, *models])
+        counts = np.zeros(2 * len(models), dtype=np.int64)
+        check(self._lib.dtm_ram_counts(inputs.addresses[0], inputs.pointers(1), inputs.code, len(models), epsilon,
+                                       inputs.count(None, "ram_counts"), counts.ctypes.data), "ram_counts")
+        return [(int(counts[2 * m]), int(counts[2 * m + 1])) for m in range(len(models))]
+
     def abs_delta_histogram(self, base, model, histogram, bucket) -> None:
         address = _histogram_address(histogram)
         if address is None or not supported([base, model]):

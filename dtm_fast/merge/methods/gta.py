@@ -19,7 +19,7 @@ from typing import ClassVar, Sequence
 
 from dtm_fast.errors import DtmError
 from dtm_fast.merge import rng
-from dtm_fast.merge.bands import Band, band_rules
+from dtm_fast.merge.bands import Band
 from dtm_fast.merge.magnitude import COLLECT_FRACTION, breadcrumbs_ranks, top_k_count
 from dtm_fast.merge.methods.base import MergeMethod, Param, TensorParams, in_open_closed_unit, in_unit
 from dtm_fast.merge.specs import GtaSpec, Sparsify
@@ -93,15 +93,10 @@ class GeneralizedTaskArithmetic(MergeMethod):
             return Band(1, top_k_count(density, numel), "ascending")
         return Band(*breadcrumbs_ranks(density, params.model("gamma")[index], numel), "descending")
 
-    def _rules(self, params: TensorParams, stream) -> list[Sparsify]:
-        """Sparsify rules (scale 1): exact magnitude bands found on the stream, or DARE's draws."""
-        context, count = stream.context, len(stream.models)
-        if self.sparsification in ("magnitude", "band"):
-            bands = band_rules(stream, [self._band(params, i, context.numel) for i in range(count)],
-                               keep_all_ties=params["threshold_ties"] == "all")
-            return [rule if rule is not None else Sparsify() for rule in bands]
-        rules = []
-        for index in range(count):
+    def _random_rules(self, params: TensorParams, stream) -> list[Sparsify]:
+        """DARE's draws (scale 1) for the models it thins, keep-all for the others."""
+        context, rules = stream.context, []
+        for index in range(len(stream.models)):
             density = params.model("density")[index] if self.sparsification else 1.0
             if self.sparsification is None or density >= 1:
                 rules.append(Sparsify())
@@ -114,40 +109,68 @@ class GeneralizedTaskArithmetic(MergeMethod):
         return GtaSpec(weights=tuple(float(w) for w in params.model("weight")), sparsify=tuple(rules),
                        consensus=self.consensus, normalize=bool(params["normalize"]), lambda_=float(params["lambda"]))
 
-    def _with_scales(self, params: TensorParams, rules: list[Sparsify], l1_sums: Sequence[tuple[float, float]] | None) -> list[Sparsify]:
+    def _scales(self, params: TensorParams, thinned: Sequence[bool],
+                l1_sums: Sequence[tuple[float, float]] | None) -> list[float]:
+        """Each model's scale of its kept deltas: 1/density (DARE), sum |d| / kept sum (L1), or 1."""
         rescale = params["rescale"] if self.sparsification else "none"
-        scaled = []
-        for index, rule in enumerate(rules):
+        scales = []
+        for index, thin in enumerate(thinned):
             scale = 1.0
-            if rule.kind != "none" and rescale == "inverse_density":
+            if thin and rescale == "inverse_density":
                 scale = 1.0 / params.model("density")[index]
-            elif rule.kind != "none" and rescale == "l1" and l1_sums is not None:
+            elif thin and rescale == "l1" and l1_sums is not None:
                 total, kept = l1_sums[index]
                 scale = total / kept if total >= L1_EPS and kept >= L1_EPS else 1.0
-            scaled.append(replace(rule, scale=scale))
-        return scaled
+            scales.append(scale)
+        return scales
 
     # -- the merge (also the definition: reference() runs it on whole tensors) ----------------------
     def merge(self, params, stream):
+        if self.sparsification in ("magnitude", "band"):
+            self._merge_bands(params, stream)
+            return
         backend = stream.backend
-        count = len(stream.models)
-        if self.sparsification in ("magnitude", "band") and params["rescale"] == "none":
-            from dtm_fast.merge import one_read  # one read of each input, whatever the tensor's size
-
-            bands = [self._band(params, i, stream.context.numel) for i in range(count)]
-            if one_read.applies(stream, bands) and one_read.merge_bands(
-                    stream, bands, params["threshold_ties"] == "all", lambda rules: self._spec(params, rules)):
-                return
-        rules = self._rules(params, stream)
+        rules = self._random_rules(params, stream)
         l1_sums = None
         if self.sparsification and params["rescale"] == "l1" and any(r.kind != "none" for r in rules):
-            sums = [[0.0, 0.0] for _ in range(count)]
+            sums = [[0.0, 0.0] for _ in rules]
             for chunk in stream.chunks():
                 for index, (model, rule) in enumerate(zip(chunk.models, rules)):
                     total, kept = backend.masked_l1(chunk.base, model, rule, chunk.start)
                     sums[index][0] += total
                     sums[index][1] += kept
             l1_sums = [tuple(s) for s in sums]
-        spec = self._spec(params, self._with_scales(params, rules, l1_sums))
+        scales = self._scales(params, [r.kind != "none" for r in rules], l1_sums)
+        spec = self._spec(params, [replace(rule, scale=scale) for rule, scale in zip(rules, scales)])
         for chunk in stream.chunks(write=True):
             backend.gta(chunk.out, chunk.base, chunk.models, spec, chunk.start)
+
+    def _merge_bands(self, params, stream) -> None:
+        """TIES and breadcrumbs: exact magnitude bands, in one read of each input without L1
+        rescale (merge/one_read.py), in two with it (merge/band_l1.py); where those fall back, the
+        thresholds by the multi-pass search, then the combine, which locates where tied bounds stop."""
+        from dtm_fast.merge import band_l1, one_read
+        from dtm_fast.merge.bands import ChunkRules, find_bounds
+
+        count, keep_all_ties = len(stream.models), params["threshold_ties"] == "all"
+        bands = [self._band(params, i, stream.context.numel) for i in range(count)]
+        thinned = [band is not None for band in bands]
+        l1 = params["rescale"] == "l1" and any(thinned)
+        found = None
+        if one_read.applies(stream, bands):
+            if not l1 and one_read.merge_bands(stream, bands, keep_all_ties, lambda rules: self._spec(params, rules)):
+                return
+            found = band_l1.thresholds_and_sums(stream, bands, keep_all_ties) if l1 else None
+        if found is not None:
+            final_rules, l1_sums = found
+            rules_for = lambda chunk: final_rules  # noqa: E731 - the tie positions are known already
+        else:
+            if l1:
+                bounds, l1_sums = band_l1.bounds_then_sums(stream, bands, keep_all_ties)
+            else:
+                bounds, l1_sums = find_bounds(stream, bands), None
+            rules_for = ChunkRules(stream, bands, bounds, keep_all_ties).for_chunk
+        scales = self._scales(params, thinned, l1_sums)
+        for chunk in stream.chunks(write=True):
+            scaled = [replace(rule, scale=scale) for rule, scale in zip(rules_for(chunk), scales)]
+            stream.backend.gta(chunk.out, chunk.base, chunk.models, self._spec(params, scaled), chunk.start)

@@ -15,8 +15,8 @@ class Ram(MergeMethod):
     params = (Param("epsilon", "global", float, 1e-5, non_negative, help="|delta| above it counts as contributed"),)
 
     def statistics_bytes_per_element(self, num_models):
-        # its chunk operation is the torch reference on every backend for now: fp32 deltas, masks and
-        # products of every model live at once (backends/reference_methods.py)
+        # the reference and Triton backends run the torch chunk operation (backends/reference_methods.py),
+        # whose fp32 deltas, masks and products of every model live at once; the cpu kernel needs none
         return 4 * (3 * num_models + 4)
 
     def unique_scales(self, params, stream) -> list[float]:
