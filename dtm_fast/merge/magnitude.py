@@ -78,7 +78,7 @@ def _from_top(histogram: np.ndarray, rank: int) -> tuple[int, int]:
     counts_from_top = np.cumsum(np.asarray(histogram)[::-1])
     position = int(np.searchsorted(counts_from_top, rank))
     above = int(counts_from_top[position - 1]) if position > 0 else 0
-    return BINS - 1 - position, above
+    return len(counts_from_top) - 1 - position, above
 
 
 SAMPLE_SLICES = 64

@@ -156,41 +156,81 @@ def model_keys(arrays: list[np.ndarray], dtypes: list[str], models) -> dict[int,
     return {model: np.abs(widen(arrays[1 + model], dtypes[1 + model]) - base).view(np.uint32) for model in models}
 
 
+NARROW_BRACKET = 1 << 20  # keys a bracket may span to be counted key by key (8 MiB of int64 counts)
+
+
+class _Counts:
+    """Counts of bin indices, added in batches: a bincount per kept-aside part (thousands of small
+    parts) would allocate and add the whole count array for each."""
+
+    BATCH = 1 << 20  # indices held before they are counted (4 MiB of uint32 per search)
+
+    def __init__(self, bins: int):
+        self.counts = np.zeros(bins, dtype=np.int64)
+        self.pending: list[np.ndarray] = []
+        self.held = 0
+
+    def add(self, indices: np.ndarray) -> None:
+        self.pending.append(indices)
+        self.held += len(indices)
+        if self.held >= self.BATCH:
+            self.total()
+
+    def total(self) -> np.ndarray:
+        if self.pending:
+            self.counts += np.bincount(np.concatenate(self.pending), minlength=len(self.counts))
+            self.pending, self.held = [], 0
+        return self.counts
+
+
 def exact_keys(kept: KeptAside, dtypes: list[str], searches: list[Search]) -> dict | None:
-    """(model, rank) -> RankedKey for every search, by a radix select over the kept-aside keys
-    inside each bracket: one pass over them where a bracket lies in one 16-bit bucket (narrow ones
-    do), a second for the others; None when a bracket missed its rank."""
+    """(model, rank) -> RankedKey for every search, from the kept-aside keys inside its bracket: a
+    bracket of one key needs no pass (every key in it is the answer; heavily tied bf16 deltas give
+    many); a narrow one (fewer than NARROW_BRACKET keys: the usual case) is counted key by key in
+    one pass over them; a wide one by a radix select on 16-bit halves, two passes. None when a
+    bracket missed its rank."""
     if any(not 1 <= s.rank - s.above <= s.in_range for s in searches):
         return None
-    buckets = [s.low >> 16 if s.low >> 16 == s.high >> 16 else None for s in searches]
-    ranks = [s.rank - s.above for s in searches]  # descending, among the keys in the bucket (once known)
-    histograms = [np.zeros(BINS, dtype=np.int64) for _ in searches]
+    found = {(s.model, s.rank): RankedKey(s.low, s.above, s.in_range) for s in searches if s.low == s.high}
+    narrow = [i for i, s in enumerate(searches) if 0 < s.high - s.low < NARROW_BRACKET]
+    wide = [i for i, s in enumerate(searches) if s.high - s.low >= NARROW_BRACKET]
+    counts = {i: _Counts(searches[i].high - searches[i].low + 1) for i in narrow}
+    counts.update({i: _Counts(BINS) for i in wide})
+    buckets: dict[int, int] = {}
 
     def accumulate(which: list[int]) -> None:
-        """High 16 bits of each bracket's keys where its bucket is unknown, else the bucket's low bits."""
+        """Each narrow bracket's keys counted one by one; a wide one's high 16 bits while its bucket is
+        unknown, then the low 16 bits of its keys in that bucket."""
         for _, arrays in kept.parts():
             keys = model_keys(arrays, dtypes, sorted({searches[i].model for i in which}))
             for i in which:
                 key = keys[searches[i].model]
                 key = key[(key >= searches[i].low) & (key <= searches[i].high)]
-                if buckets[i] is None:
-                    histograms[i] += np.bincount(key >> 16, minlength=BINS)
+                if i in narrow:
+                    counts[i].add(key - np.uint32(searches[i].low))
+                elif i not in buckets:
+                    counts[i].add(key >> 16)
                 else:
-                    histograms[i] += np.bincount(key[(key >> 16) == buckets[i]] & 0xFFFF, minlength=BINS)
+                    counts[i].add(key[(key >> 16) == buckets[i]] & 0xFFFF)
 
-    accumulate(list(range(len(searches))))
-    wide = [i for i, bucket in enumerate(buckets) if bucket is None]
+    if narrow or wide:
+        accumulate(narrow + wide)
+    ranks = {i: searches[i].rank - searches[i].above for i in narrow + wide}  # descending, in the bracket
     for i in wide:
-        buckets[i], above = _from_top(histograms[i], ranks[i])
-        ranks[i] -= above
-        histograms[i] = np.zeros(BINS, dtype=np.int64)
+        buckets[i], above = _from_top(counts[i].total(), ranks[i])
+        ranks[i] -= above  # now among the keys of its bucket
+        counts[i] = _Counts(BINS)
     if wide:
         accumulate(wide)
-    found = {}
-    for search, bucket, rank, low in zip(searches, buckets, ranks, histograms):
-        bin_, above_in_bucket = _from_top(low, rank)
-        found[(search.model, search.rank)] = RankedKey((bucket << 16) | bin_, search.rank - rank + above_in_bucket,
-                                                       int(low[bin_]))
+    for i in narrow:
+        search, histogram = searches[i], counts[i].total()
+        offset, above = _from_top(histogram, ranks[i])
+        found[(search.model, search.rank)] = RankedKey(search.low + offset, search.above + above, int(histogram[offset]))
+    for i in wide:
+        search, histogram = searches[i], counts[i].total()
+        bin_, above_in_bucket = _from_top(histogram, ranks[i])
+        found[(search.model, search.rank)] = RankedKey((buckets[i] << 16) | bin_, search.rank - ranks[i] + above_in_bucket,
+                                                       int(histogram[bin_]))
     return found
 
 

@@ -186,3 +186,15 @@ def test_killed_mid_tensor_resumes_to_the_reference(family, tmp_path, module, fu
     resumed = subprocess.run([sys.executable, "-m", "dtm_fast.cli", *argv, "--resume"], capture_output=True)
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
     assert same_bits(load_state(out)["w"], reference(family, "ties", [{"density": 0.5}] * 3))
+
+
+@pytest.mark.parametrize("narrow", [1, one_read.NARROW_BRACKET], ids=["radix-halves", "key-by-key"])
+def test_exact_keys_counted_key_by_key_or_by_radix_halves(family, tmp_path, reads, monkeypatch, narrow):
+    """The brackets of these densities on this family: one of a single key, two of a few keys (0.26M
+    and 0.79M key values wide). With NARROW_BRACKET 1 those take the two-pass radix select over the
+    kept-aside keys instead of the one-pass count."""
+    need_cpu()
+    monkeypatch.setattr(one_read, "NARROW_BRACKET", narrow)
+    merged = merge(family, tmp_path / "out", "ties", DENSITIES)
+    assert reads["one_read"] == 1
+    assert same_bits(merged, reference(family, "ties", DENSITIES))
