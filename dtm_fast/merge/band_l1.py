@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from dtm_fast.merge import magnitude
-from dtm_fast.merge.bands import EMPTY, Band, Bounds, find_bounds, wanted_ranks
+from dtm_fast.merge.bands import EMPTY, Band, Bounds, find_bounds
 from dtm_fast.merge.kept_aside import KeptAside, directory_of, widen
-from dtm_fast.merge.magnitude import SAMPLE_ELEMENTS, sample_keys
-from dtm_fast.merge.one_read import (UNDECIDED_FRACTION, Search, exact_keys, final_rules, keep_mask, undecided)
+from dtm_fast.merge.magnitude import SAMPLE_ELEMENTS
+from dtm_fast.merge.one_read import (UNDECIDED_FRACTION, Search, count_undecided, exact_keys, final_rules, keep_mask,
+                                     sampled_searches)
 from dtm_fast.merge.specs import NO_UPPER_KEY, Sparsify
 
 Sums = list[tuple[float, float]]  # per model: (sum |d|, sum of the kept |d|)
@@ -52,20 +52,13 @@ def thresholds_and_sums(stream, bands: list[Band | None], keep_all_ties: bool) -
         between_brackets: list[Sparsify | None] | None = None
         for chunk in stream.chunks():
             if between_brackets is None:
-                wanted = [wanted_ranks(band) for band in bands]
-                sampled = [index for index, ranks in enumerate(wanted) if ranks]
-                samples = sample_keys(backend, chunk.base, [chunk.models[index] for index in sampled])
-                for index, sample in zip(sampled, samples):
-                    searches += [Search(index, rank, *magnitude.bracket(sample, rank, numel)) for rank in wanted[index]]
+                searches = sampled_searches(backend, chunk, bands, numel)
                 between_brackets = [_between_brackets(index, band, searches) for index, band in enumerate(bands)]
                 if any(rule is False for rule in between_brackets):
                     return None  # overlapping brackets: the keys between them are not all kept
-            counts, local, total = undecided(backend, chunk, searches, capacity)
-            if total > capacity:
+            local = count_undecided(backend, chunk, searches, capacity)
+            if local is None:
                 return None
-            for search, (above, in_range) in zip(searches, counts):
-                search.above += above
-                search.in_range += in_range
             for index, rule in enumerate(between_brackets):
                 if rule is not None:
                     total_l1, kept_l1 = backend.masked_l1(chunk.base, chunk.models[index], rule, chunk.start)

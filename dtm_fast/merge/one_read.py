@@ -111,12 +111,31 @@ def undecided(backend, chunk, searches: list[Search], capacity: int) -> tuple[li
     return counts, positions[:capacity], len(positions)
 
 
+def sampled_searches(backend, chunk, bands: list[Band | None], numel: int) -> list[Search]:
+    """A search per bounding rank of every band, bracketed by a sample of this (first) chunk."""
+    wanted = [wanted_ranks(band) for band in bands]
+    sampled = [index for index, ranks in enumerate(wanted) if ranks]
+    samples = sample_keys(backend, chunk.base, [chunk.models[index] for index in sampled])
+    return [Search(index, rank, *magnitude.bracket(sample, rank, numel))
+            for index, sample in zip(sampled, samples) for rank in wanted[index]]
+
+
+def count_undecided(backend, chunk, searches: list[Search], capacity: int) -> np.ndarray | None:
+    """Adds this chunk's counts to every search; its undecided positions, or None past `capacity`."""
+    counts, local, total = undecided(backend, chunk, searches, capacity)
+    if total > capacity:
+        return None
+    for search, (above, in_range) in zip(searches, counts):
+        search.above += above
+        search.in_range += in_range
+    return local
+
+
 def merge_bands(stream, bands: list[Band | None], keep_all_ties: bool, make_spec) -> bool:
     """Merge the stream's tensor in one read (see the module); False when the caller must merge it
     again by the exact multi-pass path (the output written so far is then overwritten)."""
     backend, numel = stream.backend, stream.context.numel
     dtypes = [entry.dtype for entry in stream._entries()]
-    wanted = [wanted_ranks(band) for band in bands]
     capacity = max(SAMPLE_ELEMENTS, stream.chunk_elements // UNDECIDED_FRACTION)
     kept = KeptAside(dtypes, capacity * 8, directory_of(stream.out_fd))
     try:
@@ -124,17 +143,11 @@ def merge_bands(stream, bands: list[Band | None], keep_all_ties: bool, make_spec
         spec = None
         for chunk in stream.chunks(write=True):
             if spec is None:
-                sampled = [index for index, ranks in enumerate(wanted) if ranks]
-                samples = sample_keys(backend, chunk.base, [chunk.models[index] for index in sampled])
-                for index, sample in zip(sampled, samples):
-                    searches += [Search(index, rank, *magnitude.bracket(sample, rank, numel)) for rank in wanted[index]]
+                searches = sampled_searches(backend, chunk, bands, numel)
                 spec = make_spec(provisional(bands, searches))
-            counts, local, total = undecided(backend, chunk, searches, capacity)
-            if total > capacity:
+            local = count_undecided(backend, chunk, searches, capacity)
+            if local is None:
                 return False
-            for search, (above, in_range) in zip(searches, counts):
-                search.above += above
-                search.in_range += in_range
             backend.gta(chunk.out, chunk.base, chunk.models, spec, chunk.start)
             kept.add(chunk.start, local, chunk.inputs_raw)
             if chunk.start + chunk.count == numel:  # the last chunk: its output is still in memory

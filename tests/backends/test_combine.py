@@ -67,8 +67,9 @@ def test_gta_edge_rules(accelerated, edge):
 
 @pytest.mark.parametrize("size", SIZE_NAMES)
 @pytest.mark.parametrize("in_dtype,out_dtype", DTYPE_PAIRS, ids=PAIR_IDS)
-def test_model_stock_combine(accelerated, size, in_dtype, out_dtype):
-    cases.check_model_stock_combine(accelerated, accelerated.size(size), in_dtype, out_dtype)
+@pytest.mark.parametrize("operation", ["model_stock_combine", "nearswap", "ram"])
+def test_finite_combines(accelerated, operation, size, in_dtype, out_dtype):
+    getattr(cases, f"check_{operation}")(accelerated, accelerated.size(size), in_dtype, out_dtype)
 
 
 @pytest.mark.parametrize("size", SIZE_NAMES)
@@ -101,18 +102,6 @@ def test_task_arithmetic_is_base_plus_the_deltas(backend):
     b = base.float()
     deltas = sum(w * (m.float() - b) for w, m in zip((1.0, 0.5, -0.25), models))
     cases.assert_within_ulps(actual, (b + 0.75 * deltas).bfloat16(), 1)
-
-
-@pytest.mark.parametrize("size", SIZE_NAMES)
-@pytest.mark.parametrize("in_dtype,out_dtype", DTYPE_PAIRS, ids=PAIR_IDS)
-def test_nearswap(accelerated, size, in_dtype, out_dtype):
-    cases.check_nearswap(accelerated, accelerated.size(size), in_dtype, out_dtype)
-
-
-@pytest.mark.parametrize("size", SIZE_NAMES)
-@pytest.mark.parametrize("in_dtype,out_dtype", DTYPE_PAIRS, ids=PAIR_IDS)
-def test_ram(accelerated, size, in_dtype, out_dtype):
-    cases.check_ram(accelerated, accelerated.size(size), in_dtype, out_dtype)
 
 
 @pytest.mark.parametrize("in_dtype,out_dtype", DTYPE_PAIRS, ids=PAIR_IDS)

@@ -11,7 +11,7 @@ import torch
 
 from conftest import load_state, tied_bf16_family
 from dtm_fast.merge import band_l1, magnitude, stream
-from test_exact_thresholds import reference as whole_tensor_reference
+from test_exact_thresholds import reference as whole_tensor_reference, small_tied_case
 from test_one_read import MAX_MEMORY, SHAPE, merge, need_cpu, reference, same_bits
 
 CASES = [
@@ -112,11 +112,7 @@ def test_the_l1_scale_changes_the_output(family, tmp_path):
 @pytest.mark.parametrize("seed", range(12))
 def test_small_tied_tensors_match_mergekits_l1_rescaled_sparsification(seed):
     sparsify = pytest.importorskip("mergekit.sparsify")
-    generator = torch.Generator().manual_seed(seed)
-    count = int(torch.randint(4, 17, (1,), generator=generator))  # torch's sort is stable up to 16
-    delta = torch.randint(-3, 4, (count,), generator=generator).float() * 0.25
-    density = float(torch.rand(1, generator=generator)) * 0.8 + 0.1
-    base = torch.zeros(count)
+    delta, density, base = small_tied_case(seed)
     l1 = sparsify.RescaleNorm.l1
     ties = whole_tensor_reference("ties", base, [delta], {"rescale": "l1"}, [{"density": density}])
     torch.testing.assert_close(ties, sparsify.magnitude(delta, density, rescale_norm=l1), rtol=2**-23, atol=0)

@@ -37,14 +37,20 @@ def test_breadcrumbs_keeps_the_band_mergekits_ascending_sort_keeps():
     assert torch.equal(result, torch.tensor([0, 0, 0, 2, 2, 0, 0, 2, 2, 0.0]))
 
 
+def small_tied_case(seed: int) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """(delta, density, zero base): at most 16 elements (torch's sort is stable up to 16, so
+    mergekit's argsort keeps the lowest indices among ties), magnitudes of a few values."""
+    generator = torch.Generator().manual_seed(seed)
+    count = int(torch.randint(4, 17, (1,), generator=generator))
+    delta = torch.randint(-3, 4, (count,), generator=generator).float() * 0.25
+    density = float(torch.rand(1, generator=generator)) * 0.8 + 0.1
+    return delta, density, torch.zeros(count)
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_small_tied_tensors_match_mergekits_sparsification(seed):
     sparsify = pytest.importorskip("mergekit.sparsify")
-    generator = torch.Generator().manual_seed(seed)
-    count = int(torch.randint(4, 17, (1,), generator=generator))  # torch's sort is stable up to 16
-    delta = torch.randint(-3, 4, (count,), generator=generator).float() * 0.25
-    density = float(torch.rand(1, generator=generator)) * 0.8 + 0.1
-    base = torch.zeros(count)
+    delta, density, base = small_tied_case(seed)
     ties = reference("ties", base, [delta], {}, [{"density": density}])
     assert torch.equal(ties, sparsify.magnitude(delta, density)), (delta, density)
     gamma = 0.15
