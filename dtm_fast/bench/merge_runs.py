@@ -38,7 +38,7 @@ BENCH_METHODS = {
     "della_linear": BenchMethod(True, (("weight", 1.0), ("density", DENSITY), ("epsilon", 0.1))),
     "slerp": BenchMethod(True, (), (("t", 0.5),), max_models=1),
     "model_stock": BenchMethod(True),
-    "sce": BenchMethod(True),  # select_topk 1 (every element): dtm has no select_topk < 1 yet
+    "sce": BenchMethod(True, (), (("select_topk", DENSITY),)),  # the selection's fraction, as the others' density
     "nuslerp": BenchMethod(False, (("weight", 1.0),), max_models=2),
     "multislerp": BenchMethod(False, (("weight", 1.0),)),
     "karcher": BenchMethod(False),

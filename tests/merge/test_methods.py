@@ -37,9 +37,21 @@ CASES = {
     "nuslerp": {"parameters": {}, "per_model": [{"weight": 1.0}, {"weight": 2.0}]},
     "multislerp": {"parameters": {}, "per_model": [{"weight": 1.0}, {"weight": 2.0}, {"weight": 0.5}]},
     "karcher": {"parameters": {}, "per_model": [{}] * 3},
+    "arcee_fusion": {"parameters": {}, "per_model": [{}]},
+    "sce_topk": {"parameters": {"select_topk": 0.3}, "per_model": [{}] * 3},
+    "nuslerp_rows": {"parameters": {"nuslerp_flatten": False}, "per_model": [{"weight": 1.0}, {"weight": 2.0}]},
+    "nuslerp_columns": {"parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+                        "per_model": [{"weight": 1.0}, {"weight": 2.0}]},
 }
+CASE_METHODS = {"model_stock_rows": "model_stock", "sce_topk": "sce", "nuslerp_rows": "nuslerp",
+                "nuslerp_columns": "nuslerp"}
 # whole-tensor statistics summed per chunk in float64 (norms, Gram matrices, L1 sums): <= 1 ulp
-STATISTICS = ("model_stock", "dare_ties", "slerp", "model_stock_rows", "sce", "nuslerp", "multislerp", "karcher")
+STATISTICS = ("model_stock", "dare_ties", "slerp", "model_stock_rows", "sce", "nuslerp", "multislerp", "karcher",
+              "sce_topk", "nuslerp_columns")
+# A method whose chunks hold whole vectors needs one of 4099 elements (b.weight): the smallest budgets
+# that give it, so that a.weight (11,137 elements) still streams in two chunks (17 MiB: chunks of 4096)
+MEMORY = {"model_stock_rows": 24 * 2**20, "arcee_fusion": 18 * 2**20, "nuslerp_rows": 35 * 2**19,
+          "nuslerp_columns": 35 * 2**19}
 
 
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -73,7 +85,7 @@ def raw_family(tmp_path_factory):
 
 def merge_config(paths, case_name: str, tag: str, output: Path, max_memory: int, backend="reference"):
     case = CASES[case_name]
-    method = "model_stock" if case_name == "model_stock_rows" else case_name
+    method = CASE_METHODS.get(case_name, case_name)
     models = tuple(ModelInput(paths[f"m{i}-{tag}"], dict(case["per_model"][i])) for i in range(len(case["per_model"])))
     return MergeConfig(method=method, models=models, output=output, base=paths[f"base-{tag}"],
                        parameters=dict(case["parameters"]), max_memory=max_memory, backend=backend, seed=11)
@@ -82,8 +94,7 @@ def merge_config(paths, case_name: str, tag: str, output: Path, max_memory: int,
 @pytest.mark.parametrize("tag", ["fp32", "bf16"])
 @pytest.mark.parametrize("case_name", list(CASES))
 def test_streaming_equals_reference(raw_family, tmp_path, case_name, tag):
-    # filter_wise holds a whole vector (b.weight, 4099 elements) per chunk: a little more memory
-    memory = 24 * 2**20 if case_name == "model_stock_rows" else 17 * 2**20
+    memory = MEMORY.get(case_name, 17 * 2**20)
     config = merge_config(raw_family, case_name, tag, tmp_path / "out", max_memory=memory)
     run_merge(config)
     merged = load_state(tmp_path / "out")
@@ -188,7 +199,8 @@ def test_fisher_hand_computed():
     assert torch.allclose(result, torch.tensor([0.5, 2.0]))
 
 
-NEW_METHODS = ["passthrough", "nearswap", "ram", "ramplus_tl", "sce", "nuslerp", "multislerp", "karcher", "slerp"]
+NEW_METHODS = ["passthrough", "nearswap", "ram", "ramplus_tl", "sce", "nuslerp", "multislerp", "karcher", "slerp",
+               "arcee_fusion", "sce_topk", "nuslerp_rows", "nuslerp_columns"]
 
 
 @pytest.mark.parametrize("case_name", NEW_METHODS)
@@ -198,7 +210,46 @@ def test_cpu_backend_equals_the_reference_backend(raw_family, tmp_path, case_nam
     if native.unavailable_reason():
         pytest.skip(native.unavailable_reason())
     for backend in ("reference", "cpu"):
-        run_merge(merge_config(raw_family, case_name, "bf16", tmp_path / backend, 17 * 2**20, backend=backend))
+        run_merge(merge_config(raw_family, case_name, "bf16", tmp_path / backend, MEMORY.get(case_name, 17 * 2**20),
+                               backend=backend))
     ours, reference = load_state(tmp_path / "cpu"), load_state(tmp_path / "reference")
     for name, value in ours.items():
         assert ulp_distance(value, reference[name]) <= (1 if case_name in STATISTICS else 0), name
+
+
+def test_arcee_fusion_hand_computed():
+    # rows [a, -a] of a base at zero: every element's importance is |a| * KL(softmax([a, -a]) || uniform)
+    # (+ 1e-8 each): sorted 0, 0, i(0.1) x2, i(0.2) x2, i(3) x2; positions floor(q * 7) = 1, 3, 5 give
+    # q1 = 0, median = i(0.1), q3 = i(0.2); only i(3) reaches i(0.1) + 1.5 i(0.2), so only that row moves
+    base = torch.zeros(4, 2)
+    model = torch.tensor([[0.0, 0.0], [0.1, -0.1], [0.2, -0.2], [3.0, -3.0]])
+    result = reference("arcee_fusion", base, [model], {}, [{}])
+    assert torch.equal(result, torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [3.0, -3.0]]))
+
+
+def test_sce_select_topk_hand_computed():
+    # variances across the three deltas: 0, 2/3, 2, 0.0022, 2, 0 -> 4 non-zero
+    base = torch.zeros(6)
+    models = [torch.tensor([1.0, 1.0, 3.0, 0.1, 2.0, 0.0]), torch.tensor([1.0, -1.0, 0.0, 0.0, 2.0, 0.0]),
+              torch.tensor([1.0, 0.0, 0.0, 0.0, -1.0, 0.0])]
+    # k = int(4 * 0.5) = 2: elements 2 and 4 keep their deltas; the signs agree with +3 and +3
+    kept = reference("sce", base, models, {"select_topk": 0.5}, [{}] * 3)
+    assert torch.allclose(kept, torch.tensor([0.0, 0.0, 3.0, 0.0, 2.0, 0.0]))
+    # k = 1 with elements 2 and 4 tied at variance 2: the lower flat index is kept
+    tied = reference("sce", base, models, {"select_topk": 0.25}, [{}] * 3)
+    assert torch.allclose(tied, torch.tensor([0.0, 0.0, 3.0, 0.0, 0.0, 0.0]))
+    assert torch.equal(reference("sce", base, models, {"select_topk": 0.0}, [{}] * 3), base)
+
+
+def test_nuslerp_per_row_and_per_column_hand_computed():
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    b = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    weights = [{"weight": 1.0}, {"weight": 1.0}]  # t = 0.5
+    s = math.sin(math.pi / 4)
+    # rows: the first pair is colinear (linear), the second orthogonal
+    rows = reference("nuslerp", None, [a, b], {"nuslerp_flatten": False}, weights)
+    assert torch.allclose(rows, torch.tensor([[1.0, 0.0], [s, s]]), atol=1e-6)
+    # columns: [1, 1] and [1, 0] are 45 degrees apart; [0, 0] and [0, 1] orthogonal (a zero vector's cosine is 0)
+    c = math.sin(math.pi / 8) / math.sin(math.pi / 4)
+    columns = reference("nuslerp", None, [a, b], {"nuslerp_flatten": False, "nuslerp_row_wise": True}, weights)
+    assert torch.allclose(columns, torch.tensor([[2 * c, 0.0], [c, s]]), atol=1e-6)

@@ -18,7 +18,8 @@ import torch
 # (test_closer_to_mergekits_float64_result). The bounds are what these tiny models measure.
 # bounds measured on these models, in ulps of the larger input's magnitude; where one is above 1, the
 # test below shows dtm is the closer of the two to mergekit's own float64 result
-ULPS = {"slerp": 2, "sce": 6, "nuslerp": 6, "multislerp": 8, "karcher": 6, "model_stock_filter_wise": 3}
+ULPS = {"slerp": 2, "sce": 6, "nuslerp": 6, "multislerp": 8, "karcher": 6, "model_stock_filter_wise": 3,
+        "nuslerp_rows": 1, "nuslerp_rows_without_base": 1}
 # method -> (base_model given, merge parameters, per-model parameters, models)
 CONFIGS = {
     "slerp": (True, {"t": 0.3}, [{}], 1),
@@ -36,6 +37,13 @@ CONFIGS = {
     "multislerp_without_base": (False, {"normalize_weights": False}, [{"weight": 0.3}, {"weight": 0.2}], 2),
     "karcher": (False, {}, [{}] * 3, 3),
     "karcher_with_base": (True, {"max_iter": 3}, [{}] * 2, 2),
+    "arcee_fusion": (True, {}, [{}], 1),
+    "sce_select_topk_0.5": (True, {"select_topk": 0.5}, [{}] * 3, 3),
+    "sce_select_topk_0.3": (True, {"select_topk": 0.3}, [{}] * 3, 3),
+    "nuslerp_rows": (True, {"nuslerp_flatten": False}, [{"weight": 1.0}, {"weight": 3.0}], 2),
+    "nuslerp_rows_without_base": (False, {"nuslerp_flatten": False}, [{"weight": 1.0}, {"weight": 0.5}], 2),
+    "nuslerp_columns": (True, {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+                        [{"weight": 1.0}, {"weight": 3.0}], 2),
 }
 
 
@@ -87,10 +95,14 @@ def test_a_mergekit_config_gives_mergekits_result(llama_family, tmp_path, case):
 
 
 def method_of(case: str) -> str:
-    return case.split("_filter")[0].split("_t_")[0].split("_with")[0]
+    """The method a case runs: the longest method name the case's name starts with."""
+    from dtm_fast.merge.methods import METHODS
+
+    return max((name for name in METHODS if case == name or case.startswith(name + "_")), key=len)
 
 
-@pytest.mark.parametrize("case", ["slerp", "nuslerp", "multislerp", "karcher", "sce", "model_stock_filter_wise"])
+@pytest.mark.parametrize("case", ["slerp", "nuslerp", "multislerp", "karcher", "sce", "model_stock_filter_wise",
+                                  "nuslerp_columns"])
 def test_closer_to_mergekits_float64_result(llama_family, tmp_path, case):
     """mergekit computing in float64 (dtype: float64, out_dtype: float32) is the definition rounded
     once; dtm's fp32 output is, tensor by tensor, at most as far from it as mergekit's fp32 output
@@ -108,3 +120,46 @@ def test_closer_to_mergekits_float64_result(llama_family, tmp_path, case):
         theirs_error = float((theirs[name].double() - exact[name].double()).abs().max())
         slack = float(one_ulp(exact[name].abs().amax()))
         assert ours_error <= theirs_error + slack, f"{name}: dtm {ours_error:.3g} from the float64 result, mergekit {theirs_error:.3g}"
+
+
+@pytest.mark.parametrize("case", ["arcee_fusion", "sce_select_topk_0.5", "nuslerp_rows", "nuslerp_columns"])
+def test_bf16_models_merged_in_fp32_give_mergekits_result(llama_family, tmp_path, case):
+    """bf16 inputs, mergekit computing in fp32 (dtype: float32, out_dtype: bfloat16), which is what
+    dtm does for any dtype: equal within 1 ulp of the bf16 output."""
+    base, shared, per_model, count = CONFIGS[case]
+    paths = llama_family["bf16"]
+    config = tmp_path / "merge.yml"
+    config.write_text(yaml_text(paths, method_of(case), base, shared, per_model, count).replace(
+        "dtype: float32", "dtype: float32\nout_dtype: bfloat16"))
+    run_mergekit(config, tmp_path / "mergekit")
+    assert dtm(["merge", str(config), str(tmp_path / "dtm"), "--quiet"]) == 0
+    inputs = ([load_state(paths["base"])] if base else []) + [load_state(paths[f"m{i}"]) for i in range(count)]
+    theirs, ours = load_state(tmp_path / "mergekit"), load_state(tmp_path / "dtm")
+    if method_of(case) == "sce":
+        # bf16 deltas tie in variance (the norms' deltas are multiples of 2^-7): where the k-th variance's
+        # ties do not all fit, dtm keeps the lowest indices, torch.topk others (docs/merge.md); only
+        # those elements may differ, by a whole delta
+        for name in ours:
+            split = split_ties(inputs[0][name], [i[name] for i in inputs[1:]], shared["select_topk"])
+            ours[name] = torch.where(split, theirs[name], ours[name])
+    assert_within_ulps(theirs, ours, inputs)
+
+
+def split_ties(base, models, select_topk: float) -> torch.Tensor:
+    """The elements tied at sce's k-th largest variance when not all of them are selected."""
+    variance = torch.var(torch.stack([m.float() - base.float() for m in models]), dim=0, unbiased=False)
+    k = int(torch.count_nonzero(variance) * select_topk)
+    if k == 0:
+        return torch.zeros_like(variance, dtype=torch.bool)
+    kth = torch.sort(variance.reshape(-1), descending=True).values[k - 1]
+    tied = variance == kth
+    return tied if int((variance > kth).sum()) + int(tied.sum()) > k else torch.zeros_like(tied)
+
+
+def test_arcee_fusion_is_not_trivial(llama_family, tmp_path):
+    """Some deltas are kept and some are not in most tensors, so the mask is really compared."""
+    theirs, _, inputs = run_both(llama_family["fp32"], tmp_path, "arcee_fusion", *CONFIGS["arcee_fusion"])
+    base = inputs[0]
+    moved = {name: theirs[name] != base[name] for name in theirs}
+    mixed = [name for name, changed in moved.items() if changed.any() and not changed.all()]
+    assert len(mixed) >= len(theirs) // 2, sorted(set(theirs) - set(mixed))

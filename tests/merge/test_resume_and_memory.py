@@ -93,8 +93,9 @@ import dtm_fast.merge.backends.reference, dtm_fast.merge.stream  # imports befor
 paths = [Path(p) for p in sys.argv[1:4]]
 method, budget, backend, out = sys.argv[4], int(sys.argv[5]), sys.argv[6], Path(sys.argv[7])
 baseline = start_peak()
-config = MergeConfig(method=method, models=(ModelInput(paths[1]), ModelInput(paths[2])), output=out,
-                     base=paths[0], parameters={"density": 0.5} if method == "ties" else {},
+models = (ModelInput(paths[1]),) if method == "arcee_fusion" else (ModelInput(paths[1]), ModelInput(paths[2]))
+parameters = {"ties": {"density": 0.5}, "sce": {"select_topk": 0.5}}.get(method, {})
+config = MergeConfig(method=method, models=models, output=out, base=paths[0], parameters=parameters,
                      max_memory=budget, backend=backend)
 run_merge(config)
 report_peak(baseline)
@@ -115,7 +116,8 @@ def big_tensor_models(tmp_path_factory):
     return paths
 
 
-@pytest.mark.parametrize("method,backend", [("linear", "reference"), ("ties", "reference"), ("ties", "auto")])
+@pytest.mark.parametrize("method,backend", [("linear", "reference"), ("ties", "reference"), ("ties", "auto"),
+                                            ("arcee_fusion", "auto"), ("sce", "auto")])
 def test_peak_memory_stays_within_budget(big_tensor_models, tmp_path, method, backend):
     budget = 32 * 2**20
     above_baseline = peak_above_baseline(PEAK_SCRIPT, *big_tensor_models, method, budget, backend, tmp_path / "out")

@@ -183,6 +183,15 @@ class CpuBackend(ReferenceBackend):
 
     # -- operations without a kernel yet: the reference on torch views of the chunks ------------------
     sce = _reference("sce")
+    sce_variance = _reference("sce_variance")
+    sce_squares = _reference("sce_squares")
+    fusion_importance = _reference("fusion_importance")
+    fusion_combine = _reference("fusion_combine")
+    nuslerp_rows = _reference("nuslerp_rows")
+    column_products = _reference("column_products")
+    column_combine = _reference("column_combine")
+    order_key_histogram = _reference("order_key_histogram")
+    order_key_position = _reference("order_key_position")
 
     # -- not a chunk operation: DARE's mask as the kernels draw it, for tests and tools ---------------
     def keep_mask(self, key: tuple[int, int], start: int, count: int, threshold: int):

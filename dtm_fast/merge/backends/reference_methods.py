@@ -1,14 +1,23 @@
-"""Reference chunk operations of the element-wise methods added for mergekit parity (nearswap,
-RAM / RAM+, SCE): plain torch, fp32 in mergekit's order of operations, so that on fp32 inputs they
-give mergekit's values bit for bit. A base class of ReferenceBackend (reference.py), kept apart by
-concept; the cpu backend runs them through torch views until a kernel pays for itself."""
+"""Reference chunk operations of the methods added for mergekit parity (nearswap, RAM / RAM+, SCE,
+arcee_fusion, per-row nuslerp) and of the order statistics some of them need: plain torch, fp32
+in mergekit's order of operations, so that on fp32 inputs they give mergekit's values bit for bit
+(per-row softmaxes and norms are torch's row reductions on a chunk's rows, as on mergekit's whole
+matrix). A base class of ReferenceBackend (reference.py), kept apart by concept; the cpu backend runs
+them through torch views until a kernel pays for itself."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
+    import numpy
     import torch
+
+    from dtm_fast.merge.order_statistics import TopRule
+
+FUSION_EPS = 1e-8  # mergekit's arcee_fusion: added to both softmax distributions
+NUSLERP_NORM_FLOOR = 1e-7  # mergekit's nuslerp _normalize clamp
+NUSLERP_COLINEAR_EPS = 1e-8
 
 
 class MethodOps:
@@ -39,18 +48,119 @@ class MethodOps:
         out.copy_(base32 + merged)
 
     def sce(self, out: "torch.Tensor", base: "torch.Tensor", models: Sequence["torch.Tensor"],
-            weights: Sequence[float]) -> None:
+            weights: Sequence[float], variance: "torch.Tensor | None" = None, rule: "TopRule | None" = None,
+            start: int = 0) -> None:
         """SCE's combine: the deltas whose sign agrees with the sign of their (unweighted) sum,
-        averaged with weights w_i (a zero delta never agrees); out = b + that average."""
+        averaged with weights w_i (a zero delta never agrees); out = b + that average. With `rule`
+        (select_topk), only the elements it keeps by their variance take part: the others' deltas
+        are zero in every model before the signs are elected."""
         import torch
 
-        base32 = base.float()
-        deltas = torch.stack([model.float() - base32 for model in models])
+        deltas = _sce_deltas(base, models, variance, rule, start)
         majority = (deltas.sum(dim=0) >= 0).float() * 2 - 1
         agree = (deltas.sign() == majority).float()
         erased = torch.tensor(list(weights), dtype=torch.float32, device=out.device).unsqueeze(1) * agree
-        out.copy_(base32 + (deltas * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6))
+        out.copy_(base.float() + (deltas * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6))
 
+    def sce_variance(self, out: "torch.Tensor", base: "torch.Tensor", models: Sequence["torch.Tensor"]) -> None:
+        """Per element, the variance of the models' deltas (torch.var over the models, unbiased=False)."""
+        import torch
+
+        base32 = base.float()
+        out.copy_(torch.var(torch.stack([model.float() - base32 for model in models]), dim=0, unbiased=False))
+
+    def sce_squares(self, base: "torch.Tensor", models: Sequence["torch.Tensor"], variance: "torch.Tensor",
+                    rule: "TopRule", start: int) -> list[float]:
+        """Each model's float64 sum of its squared deltas over the elements `rule` keeps (SCE's weights)."""
+        deltas = _sce_deltas(base, models, variance, rule, start).double()
+        return [float(value) for value in (deltas * deltas).sum(dim=1)]
+
+    # -- arcee_fusion ------------------------------------------------------------------------------
+    def fusion_importance(self, out: "torch.Tensor", base: "torch.Tensor", model: "torch.Tensor",
+                          row_length: int) -> None:
+        """Per element: |x - b| times KL(p || q) of its row of `row_length` elements, p = softmax(x)
+        + 1e-8 and q = softmax(b) + 1e-8 over the row."""
+        import torch
+
+        x = model.float().reshape(-1, row_length)  # (rows, row_length)
+        b = base.float().reshape(-1, row_length)
+        p = torch.softmax(x, dim=-1) + FUSION_EPS
+        q = torch.softmax(b, dim=-1) + FUSION_EPS
+        divergence = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)  # (rows, 1)
+        out.copy_(((x - b).abs() * divergence).reshape(-1))
+
+    def fusion_combine(self, out: "torch.Tensor", base: "torch.Tensor", model: "torch.Tensor",
+                       importance: "torch.Tensor", threshold: float) -> None:
+        """y = b + (x - b) * [importance >= threshold]."""
+        b = base.float()
+        out.copy_(b + (model.float() - b) * (importance >= threshold).float())
+
+    # -- per-vector nuslerp (nuslerp_flatten: false) -------------------------------------------------
+    def nuslerp_rows(self, out: "torch.Tensor", base: "torch.Tensor | None", first: "torch.Tensor",
+                     second: "torch.Tensor", row_length: int, t: float) -> None:
+        """mergekit's nuslerp of each row of `row_length` elements from `first` (t = 0) to `second`,
+        of their deltas from `base` when given (then added back to it): u = v / max(|v|, 1e-7),
+        cos = u_1.u_2, linear where 1 - cos^2 <= 1e-16, else (sin((1-t) theta) v_1 + sin(t theta)
+        v_2) / sin theta."""
+        import torch
+
+        a, b = _pair(base, first, second, row_length)  # (rows, row_length)
+        unit_a = a / torch.norm(a, dim=-1, keepdim=True).clamp(min=NUSLERP_NORM_FLOOR)
+        unit_b = b / torch.norm(b, dim=-1, keepdim=True).clamp(min=NUSLERP_NORM_FLOOR)
+        cos = torch.sum(unit_a * unit_b, dim=-1, keepdim=True).clamp(-1, 1)
+        colinear = (1 - cos.square()) <= NUSLERP_COLINEAR_EPS ** 2
+        theta = torch.acos(torch.where(colinear, 0, cos))
+        result = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+        result = torch.where(colinear, (1 - t) * a + t * b, result)
+        out.copy_((result if base is None else base.float().reshape(-1, row_length) + result).reshape(-1))
+
+    def column_products(self, base: "torch.Tensor | None", first: "torch.Tensor", second: "torch.Tensor",
+                        row_length: int) -> "numpy.ndarray":
+        """(3, row_length) float64 numpy: per column of the chunk's rows, |a|^2, |b|^2 and a.b of
+        the two inputs (of their deltas from `base` when given)."""
+        import torch
+
+        a, b = (v.double() for v in _pair(base, first, second, row_length))
+        return torch.stack([(a * a).sum(0), (b * b).sum(0), (a * b).sum(0)]).cpu().numpy()
+
+    def column_combine(self, out: "torch.Tensor", base: "torch.Tensor | None", first: "torch.Tensor",
+                       second: "torch.Tensor", coefficients: "numpy.ndarray") -> None:
+        """out = [b +] c_a a + c_b b per column, `coefficients` (2, row_length) float64 numpy; a, b
+        the inputs (their deltas from `base` when given)."""
+        import torch
+
+        row_length = coefficients.shape[1]
+        a, b = _pair(base, first, second, row_length)
+        c = torch.from_numpy(coefficients).float().to(out.device)  # (2, row_length)
+        result = a * c[0] + b * c[1]
+        out.copy_((result if base is None else base.float().reshape(-1, row_length) + result).reshape(-1))
+
+    # -- order statistics of a per-element fp32 statistic (merge/order_statistics.py) -----------------
+    def order_key_histogram(self, values: "torch.Tensor", histogram, bucket: int | None) -> None:
+        """Adds to `histogram` (int64[65536]) the high 16 bits of every order key of `values`, or,
+        with `bucket`, the low 16 bits of the keys whose high bits equal it."""
+        import torch
+
+        from dtm_fast.merge.order_statistics import order_keys
+
+        keys = order_keys(values)
+        histogram = torch.as_tensor(histogram)  # numpy histograms are updated in place too
+        if bucket is not None:
+            keys = keys[(keys >> 16) == bucket] & 0xFFFF
+        else:
+            keys = keys >> 16
+        histogram += torch.bincount(keys, minlength=1 << 16).to(histogram.device)
+
+    def order_key_position(self, values: "torch.Tensor", key: int, nth: int) -> tuple[int, int]:
+        """(how many order keys of `values` equal `key`, the chunk index of the nth of them (1-based)
+        in element order, or -1 when there are fewer or nth < 1)."""
+        from dtm_fast.merge.order_statistics import order_keys
+
+        matches = order_keys(values) == key
+        count = int(matches.sum())
+        if not 1 <= nth <= count:
+            return count, -1
+        return count, int(matches.nonzero()[nth - 1])
 
 def _ram_masks(base, models, epsilon: float, deltas=None):
     import torch
@@ -60,3 +170,27 @@ def _ram_masks(base, models, epsilon: float, deltas=None):
         deltas = torch.stack([model.float() - base32 for model in models])
     nonzero = deltas.abs() > epsilon
     return nonzero, nonzero.sum(dim=0)
+
+
+def _sce_deltas(base, models, variance, rule, start: int):
+    """(models, elements) fp32 deltas, zero where `rule` (when given) does not keep the variance."""
+    import torch
+
+    base32 = base.float()
+    deltas = torch.stack([model.float() - base32 for model in models])
+    if rule is None:
+        return deltas
+    from dtm_fast.merge.order_statistics import order_keys
+
+    index = torch.arange(start, start + deltas.shape[1], device=deltas.device)
+    return deltas * rule.keeps(order_keys(variance), index)  # as mergekit multiplies by its mask
+
+
+def _pair(base, first, second, row_length: int):
+    """The two inputs as (rows, row_length) fp32, their deltas from `base` when given."""
+    a = first.float().reshape(-1, row_length)
+    b = second.float().reshape(-1, row_length)
+    if base is None:
+        return a, b
+    origin = base.float().reshape(-1, row_length)
+    return a - origin, b - origin

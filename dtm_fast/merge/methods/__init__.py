@@ -1,5 +1,6 @@
 """The merge methods. Adding one is one file plus one line in METHODS."""
 
+from dtm_fast.merge.methods.arcee_fusion import ArceeFusion
 from dtm_fast.merge.methods.base import MergeMethod
 from dtm_fast.merge.methods.breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from dtm_fast.merge.methods.dare import DareLinear, DareTies
@@ -23,7 +24,7 @@ METHODS: dict[str, MergeMethod] = {
     for method in (
         Linear(), TaskArithmetic(), Ties(), DareLinear(), DareTies(), Breadcrumbs(), BreadcrumbsTies(),
         Slerp(), ModelStock(), Fisher(), Della(), DellaLinear(), Passthrough(), Sce(), Nuslerp(), Multislerp(),
-        Karcher(), Nearswap(), Ram(), RamPlusTensorLocal(),
+        Karcher(), Nearswap(), Ram(), RamPlusTensorLocal(), ArceeFusion(),
     )
 }
 
