@@ -91,13 +91,18 @@ def check_gta(backend, count, in_dtype, out_dtype, consensus, normalize, models=
     assert_within_ulps(actual, expected, backend.ulps)
 
 
+def same_as_reference(backend, operation: str, count: int, out_dtype, *args) -> None:
+    """`operation` into a fresh output on the reference and on `backend`: equal within its ulps."""
+    expected, actual = outputs(count, out_dtype)
+    getattr(REFERENCE, operation)(expected, *args)
+    getattr(backend, operation)(actual, *args)
+    assert_within_ulps(actual, expected, backend.ulps)
+
+
 def check_model_stock_combine(backend, count, in_dtype, out_dtype, models=3):
     base, inputs = chunk_inputs(count, in_dtype, models, seed=13 * count + models)
     for ratio in (0.0, 0.37, 1.0):
-        expected, actual = outputs(count, out_dtype)
-        REFERENCE.model_stock_combine(expected, base, inputs, ratio)
-        backend.model_stock_combine(actual, base, inputs, ratio)
-        assert_within_ulps(actual, expected, backend.ulps)
+        same_as_reference(backend, "model_stock_combine", count, out_dtype, base, inputs, ratio)
 
 
 def check_fisher(backend, count, in_dtype, out_dtype, models=3, special=False):
@@ -118,19 +123,13 @@ def check_fisher(backend, count, in_dtype, out_dtype, models=3, special=False):
 def check_nearswap(backend, count, in_dtype, out_dtype, special=False):
     base, (model,) = chunk_inputs(count, in_dtype, 1, seed=23 * count + 1, special=special)
     for t in (1e-3, 0.05, 0.0):  # distances around t: weights strictly between 0 and 1 as well as clamped
-        expected, actual = outputs(count, out_dtype)
-        REFERENCE.nearswap(expected, base, model, t)
-        backend.nearswap(actual, base, model, t)
-        assert_within_ulps(actual, expected, backend.ulps)
+        same_as_reference(backend, "nearswap", count, out_dtype, base, model, t)
 
 
 def check_ram(backend, count, in_dtype, out_dtype, models=3, special=False):
     base, inputs = chunk_inputs(count, in_dtype, models, seed=29 * count + models, special=special)
     for epsilon, scales in ((1e-3, [1.0] * models), (1e-5, [1.15, 1.0, 1.2, 1.05][:models])):
-        expected, actual = outputs(count, out_dtype)
-        REFERENCE.ram(expected, base, inputs, epsilon, scales)
-        backend.ram(actual, base, inputs, epsilon, scales)
-        assert_within_ulps(actual, expected, backend.ulps)
+        same_as_reference(backend, "ram", count, out_dtype, base, inputs, epsilon, scales)
         assert backend.ram_counts(base, inputs, epsilon) == REFERENCE.ram_counts(base, inputs, epsilon)
 
 
