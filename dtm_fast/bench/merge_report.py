@@ -111,7 +111,6 @@ class Measurements:
                             read_s + merge_runs.write_bytes_s(scratch / "floor.bin", out_bytes, buffer, durable=True))
                         for backend in backends:
                             target = scratch / f"dtm-{method}-{backend}"
-                            shutil.rmtree(target, ignore_errors=True)
                             command = merge_runs.dtm_command(configs[method], target, None if backend == "auto" else backend,
                                                              args.max_memory)
                             ui.info(f"[{repetition + 1}] dtm merge {configs[method].name} (backend {backend})")
@@ -122,7 +121,6 @@ class Measurements:
                             record.peak_rss_bytes.append(measured.peak_rss_bytes)
                     if mergekit_version and repetition < args.mergekit_repeats:
                         target = scratch / f"mergekit-{method}"
-                        shutil.rmtree(target, ignore_errors=True)
                         command = merge_runs.mergekit_command(configs[method], target)
                         ui.info(f"[{repetition + 1}] mergekit-yaml {configs[method].name}")
                         measured = merge_runs.run_measured(command, logs / f"mergekit-{method}.log")

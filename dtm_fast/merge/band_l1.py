@@ -59,11 +59,7 @@ def thresholds_and_sums(stream, bands: list[Band | None], keep_all_ties: bool) -
             local = count_undecided(backend, chunk, searches, capacity)
             if local is None:
                 return None
-            for index, rule in enumerate(between_brackets):
-                if rule is not None:
-                    total_l1, kept_l1 = backend.masked_l1(chunk.base, chunk.models[index], rule, chunk.start)
-                    sums[index][0] += total_l1
-                    sums[index][1] += kept_l1
+            add_l1_sums(backend, chunk, between_brackets, sums)
             kept.add(chunk.start, local, chunk.inputs_raw)
         keys = exact_keys(kept, dtypes, searches)
         if keys is None:
@@ -85,6 +81,15 @@ def thresholds_and_sums(stream, bands: list[Band | None], keep_all_ties: bool) -
         return rules, [tuple(s) for s in sums]
     finally:
         kept.close()
+
+
+def add_l1_sums(backend, chunk, rules: list[Sparsify | None], sums: list[list[float]]) -> None:
+    """Add each model's Σ|d| over the chunk and over the elements its rule keeps (None: no sums)."""
+    for index, rule in enumerate(rules):
+        if rule is not None:
+            total, kept = backend.masked_l1(chunk.base, chunk.models[index], rule, chunk.start)
+            sums[index][0] += total
+            sums[index][1] += kept
 
 
 def _between_brackets(index: int, band: Band | None, searches: list[Search]) -> Sparsify | None | bool:
@@ -119,11 +124,7 @@ def bounds_then_sums(stream, bands: list[Band | None], keep_all_ties: bool) -> t
              for bound in bounds]
     sums = [[0.0, 0.0] for _ in bands]
     for chunk in stream.chunks():
-        for index, rule in enumerate(rules):
-            if rule is not None:
-                total, kept = stream.backend.masked_l1(chunk.base, chunk.models[index], rule, chunk.start)
-                sums[index][0] += total
-                sums[index][1] += kept
+        add_l1_sums(stream.backend, chunk, rules, sums)
     for index, (band, bound) in enumerate(zip(bands, bounds)):
         if bound is not None:
             low, high = bound.low, bound.high

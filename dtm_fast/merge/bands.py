@@ -68,18 +68,20 @@ class ChunkRules:
         self.ties: dict[tuple[int, int], _TieCount] = {}
 
     def for_chunk(self, chunk) -> list[Sparsify]:
-        rules = []
-        for index, (band, bounds) in enumerate(zip(self.bands, self.bounds)):
-            if band is None:
-                rules.append(Sparsify())
-            elif band.last < band.first:
-                rules.append(EMPTY)
-            else:
-                def locate(key: int, ordinals: list[int], index=index) -> dict[int, int]:
-                    count = self.ties.setdefault((index, key), _TieCount(sorted(set(ordinals))))
-                    return count.through(self.backend, chunk, index, key, self.numel)
-                rules.append(band_rule(band, bounds.low, bounds.high, self.keep_all_ties, locate))
-        return rules
+        def rule(index: int, band: Band) -> Sparsify:
+            def locate(key: int, ordinals: list[int]) -> dict[int, int]:
+                count = self.ties.setdefault((index, key), _TieCount(sorted(set(ordinals))))
+                return count.through(self.backend, chunk, index, key, self.numel)
+            bounds = self.bounds[index]
+            return band_rule(band, bounds.low, bounds.high, self.keep_all_ties, locate)
+
+        return per_band(self.bands, rule)
+
+
+def per_band(bands: list[Band | None], rule) -> list[Sparsify]:
+    """Each model's rule: keep all without a band, nothing for an empty one, else rule(index, band)."""
+    return [Sparsify() if band is None else EMPTY if band.last < band.first else rule(index, band)
+            for index, band in enumerate(bands)]
 
 
 @dataclass

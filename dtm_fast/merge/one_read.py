@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dtm_fast.merge.bands import EMPTY, Band, band_rule, wanted_ranks
+from dtm_fast.merge.bands import Band, band_rule, per_band, wanted_ranks
 from dtm_fast.merge.kept_aside import KeptAside, directory_of, patch, widen
 from dtm_fast.merge import magnitude
 from dtm_fast.merge.magnitude import BINS, SAMPLE_ELEMENTS, RankedKey, _from_top, sample_keys
@@ -59,12 +59,6 @@ def applies(stream, bands: list[Band | None]) -> bool:
     first = min(stream.context.numel, stream.chunk_elements)
     return (not stream.holds_whole_tensor and stream.base_entry is not None and first >= 4 * SAMPLE_ELEMENTS
             and stream.out_fd is not None and any(b is not None and b.last >= b.first for b in bands))
-
-
-def per_band(bands: list[Band | None], rule) -> list[Sparsify]:
-    """Each model's rule: keep all without a band, nothing for an empty one, else rule(index, band)."""
-    return [Sparsify() if band is None else EMPTY if band.last < band.first else rule(index, band)
-            for index, band in enumerate(bands)]
 
 
 def provisional(bands: list[Band | None], searches: list[Search]) -> list[Sparsify]:

@@ -55,6 +55,10 @@ def gguf_as_safetensors(config: TrainConfig, runtime: Runtime) -> Path:
     identity = {"gguf": str(source.resolve()), "size": status.st_size, "mtime_ns": status.st_mtime_ns}
     record = target / GGUF_SOURCE_RECORD
     current = record.is_file() and json.loads(record.read_text()) == identity
+    if runtime.is_main and target.exists() and not record.is_file():
+        # every conversion is renamed into place with its record, so this directory is not dtm's
+        raise DtmError(f"{target} exists and was not written by dtm (it has no {GGUF_SOURCE_RECORD}); "
+                       f"move it away, or choose another output for this run")
     if runtime.is_main and not current:
         _convert_gguf(source, config.gguf_file, target, identity)
     barrier(runtime)
@@ -88,7 +92,7 @@ def _convert_gguf(source: Path, gguf_file: str, target: Path, identity: dict[str
     staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     save_dequantized_gguf(source.parent, gguf_file, staging)
     write_json(staging / GGUF_SOURCE_RECORD, identity)
-    if target.exists():  # an earlier conversion of a GGUF file that has changed since: ours to replace
+    if target.exists():  # an earlier conversion (it has our record) of a GGUF file changed since
         shutil.rmtree(target)
     staging.rename(target)
 

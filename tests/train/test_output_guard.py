@@ -86,3 +86,46 @@ def test_rerun_replaces_its_own_output(tiny_model, arithmetic_data, tmp_path, ca
     # the first run's fisher.safetensors was dtm's and is not part of the new output: removed
     assert not (output / "fisher.safetensors").exists()
     assert not list(tmp_path.glob(".sub-0*"))
+
+
+def test_a_gguf_cache_directory_dtm_did_not_write_is_never_replaced(tmp_path, monkeypatch):
+    """The de-quantised GGUF base lives in <checkpoints>/base-from-gguf and is rebuilt when the GGUF
+    changes; a directory of that name without dtm's record is the user's and must survive."""
+    from types import SimpleNamespace
+
+    import dtm_fast.train.loading as loading
+    from dtm_fast.errors import DtmError
+    from dtm_fast.train.parallel import Runtime
+
+    model_dir = tmp_path / "gguf-model"
+    model_dir.mkdir()
+    (model_dir / "model.gguf").write_bytes(b"GGUF")
+    checkpoints = tmp_path / "sub-0.checkpoints"
+    config = SimpleNamespace(model=str(model_dir), gguf_file="model.gguf", checkpoints_path=checkpoints)
+    runtime = Runtime(rank=0, world_size=1, local_rank=0, device="cpu")
+
+    def fake_conversion(source_dir, gguf_file, target):
+        target.mkdir(parents=True)
+        (target / "model.safetensors").write_bytes(b"converted")
+
+    monkeypatch.setattr(loading, "save_dequantized_gguf", fake_conversion)
+    users = checkpoints / loading.GGUF_CACHE
+    users.mkdir(parents=True)
+    (users / "notes.txt").write_text("mine")
+    try:
+        loading.gguf_as_safetensors(config, runtime)
+    except DtmError as error:
+        assert "was not written by dtm" in str(error) and str(users) in str(error)
+    else:
+        raise AssertionError("a directory without dtm's record was replaced")
+    assert (users / "notes.txt").read_text() == "mine"
+
+    # dtm's own conversion (it has the record) is replaced when the GGUF file changes
+    (users / "notes.txt").unlink()
+    users.rmdir()
+    target = loading.gguf_as_safetensors(config, runtime)
+    assert (target / loading.GGUF_SOURCE_RECORD).is_file()
+    (model_dir / "model.gguf").write_bytes(b"GGUF, changed")
+    (target / "model.safetensors").write_bytes(b"stale")
+    loading.gguf_as_safetensors(config, runtime)
+    assert (target / "model.safetensors").read_bytes() == b"converted"

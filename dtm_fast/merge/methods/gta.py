@@ -133,12 +133,11 @@ class GeneralizedTaskArithmetic(MergeMethod):
         rules = self._random_rules(params, stream)
         l1_sums = None
         if self.sparsification and params["rescale"] == "l1" and any(r.kind != "none" for r in rules):
+            from dtm_fast.merge.band_l1 import add_l1_sums
+
             sums = [[0.0, 0.0] for _ in rules]
             for chunk in stream.chunks():
-                for index, (model, rule) in enumerate(zip(chunk.models, rules)):
-                    total, kept = backend.masked_l1(chunk.base, model, rule, chunk.start)
-                    sums[index][0] += total
-                    sums[index][1] += kept
+                add_l1_sums(backend, chunk, rules, sums)
             l1_sums = [tuple(s) for s in sums]
         scales = self._scales(params, [r.kind != "none" for r in rules], l1_sums)
         spec = self._spec(params, [replace(rule, scale=scale) for rule, scale in zip(rules, scales)])
