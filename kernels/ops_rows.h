@@ -115,6 +115,30 @@ int slerp_rows(void* out, int out_dtype, const void* first, const void* second, 
   return 0;
 }
 
+// Sorts (|delta| key << 32 | position) entries by key in three stable counting passes of 11 bits
+// (the key has 31): positions stay ascending within equal keys, std::sort's order of the whole
+// entries, at a fraction of its cost on rows of thousands of elements.
+inline void sort_by_magnitude_key(std::vector<uint64_t>& order, std::vector<uint64_t>& scratch) {
+  constexpr int kDigitBits = 11;
+  constexpr size_t kBuckets = size_t(1) << kDigitBits;
+  size_t counts[kBuckets];
+  const size_t n = order.size();
+  for (int pass = 0; pass < 3; ++pass) {
+    const int shift = 32 + pass * kDigitBits;
+    std::fill(counts, counts + kBuckets, size_t(0));
+    for (size_t i = 0; i < n; ++i) ++counts[(order[i] >> shift) & (kBuckets - 1)];
+    if (counts[(order[0] >> shift) & (kBuckets - 1)] == n) continue;  // one digit for all: nothing moves
+    size_t next = 0;
+    for (size_t bucket = 0; bucket < kBuckets; ++bucket) {
+      const size_t count = counts[bucket];
+      counts[bucket] = next;
+      next += count;
+    }
+    for (size_t i = 0; i < n; ++i) scratch[counts[(order[i] >> shift) & (kBuckets - 1)]++] = order[i];
+    order.swap(scratch);
+  }
+}
+
 // DELLA's MagPrune (reference.della_deltas): within each row, the delta of ascending magnitude rank
 // r (ties by position) is kept with probability p = (density - epsilon) + r / (row_length - 1) * 2 *
 // epsilon, by the Philox draw of its flat index; out = kept ? delta * scale : 0. Adds sum |delta|
@@ -131,7 +155,7 @@ int della_deltas(void* out, int out_dtype, const void* base_data, const void* mo
   {
     const size_t length = static_cast<size_t>(row_length);
     std::vector<float> delta(length), base(length);
-    std::vector<uint64_t> order(length);
+    std::vector<uint64_t> order(length), scratch(length);
     std::vector<uint32_t> draws(length);
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
@@ -142,7 +166,7 @@ int della_deltas(void* out, int out_dtype, const void* base_data, const void* mo
         delta[size_t(i)] -= base[size_t(i)];
         order[size_t(i)] = (uint64_t(bits_from_float(delta[size_t(i)]) & 0x7FFFFFFFu) << 32) | uint64_t(i);
       }
-      std::sort(order.begin(), order.end());  // by |delta| key, then position
+      sort_by_magnitude_key(order, scratch);  // by |delta| key, then position
       philox_draws(draws.data(), uint64_t(start + offset), row_length, keys);
       double total = 0.0, kept = 0.0;
       for (int64_t rank = 0; rank < row_length; ++rank) {

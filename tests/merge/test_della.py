@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_state, run_mergekit, write_safetensors
+from conftest import load_state, run_mergekit, tied_bf16_family, write_safetensors
 from dtm_fast.cli import main as dtm
 from dtm_fast.merge import rng
 from dtm_fast.merge.backends.reference import ReferenceBackend
@@ -94,6 +94,52 @@ def test_streamed_merge_equals_the_whole_tensor_definition(family, tmp_path, met
         expected = METHODS[method].reference(params, tensors[0][name], [t[name] for t in tensors[1:]],
                                              TensorContext(name, tuple(value.shape), 0))
         assert torch.equal(value, expected), name
+
+
+LARGE_SHAPE = (2053, 1031)  # 2.1M elements: several chunks at 64 MiB, one at 1 GiB
+
+
+@pytest.fixture(scope="module")
+def large_family(tmp_path_factory):
+    return tied_bf16_family(tmp_path_factory.mktemp("della-large"), LARGE_SHAPE, seed=5)
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_a_one_chunk_tensor_is_pruned_once_with_the_bits_of_pruning_twice(large_family, tmp_path, monkeypatch, method,
+                                                                          cpu_backend):
+    """With L1 rescale a streamed tensor is pruned in the sums pass and again in the combine; a tensor
+    of one chunk keeps its pruned deltas and only scales them, which must give the same bits."""
+    from dtm_fast.merge.backends.cpu import CpuBackend
+    from dtm_fast.merge.engine import run_merge
+
+    calls = []
+    original_init = CpuBackend.__init__
+
+    def counting_init(self):
+        original_init(self)
+        native = self.della_deltas  # bound per instance
+
+        def counted(*args):
+            calls.append(args[0].numel())
+            return native(*args)
+
+        self.della_deltas = counted
+
+    monkeypatch.setattr(CpuBackend, "__init__", counting_init)
+    per_model = [{"density": 0.5, "epsilon": 0.1}, {"density": 0.3, "epsilon": 0.2}, {"density": 0.7, "epsilon": 0.15}]
+    outputs = {}
+    for max_memory in (64 * 2**20, 2**30):
+        calls.clear()
+        run_merge(MergeConfig(method=method, models=tuple(ModelInput(p, d) for p, d in zip(large_family[1:], per_model)),
+                              output=tmp_path / str(max_memory), base=large_family[0], backend="cpu",
+                              max_memory=max_memory))
+        outputs[max_memory] = load_state(tmp_path / str(max_memory))["w"]
+        numel = LARGE_SHAPE[0] * LARGE_SHAPE[1]
+        if max_memory == 2**30:
+            assert calls == [numel] * 3  # one pruning of each model
+        else:
+            assert len(calls) > 2 * 3 and sum(calls) == 2 * 3 * numel  # several chunks, each pruned twice
+    assert torch.equal(outputs[64 * 2**20].view(torch.int16), outputs[2**30].view(torch.int16))
 
 
 def test_epsilon_that_leaves_the_unit_interval_is_refused(family, tmp_path, capsys):

@@ -4,7 +4,9 @@ MagPrune, which keeps a delta with a probability that rises with its magnitude r
 rescaled so its L1 norm is the unpruned one's (`rescale`), then merged like TIES (della: sign
 election, normalised) or summed (della_linear). The random draws are DARE's counter-based Philox
 stream keyed by (seed, tensor, model), so the masks are the same on every backend and chunking;
-mergekit draws with torch.bernoulli, so the two agree in distribution, not element by element."""
+mergekit draws with torch.bernoulli, so the two agree in distribution, not element by element.
+Passes: with L1 rescale, one to prune and sum, then the combine, which prunes again unless the
+tensor was one chunk (its pruned deltas are still in memory and only get scaled); without, one."""
 
 from __future__ import annotations
 
@@ -65,15 +67,19 @@ class Della(MergeMethod):
         size = stream.chunk_elements
         deltas = [backend.empty(size, "F32") for _ in range(count)]
         scales = [1.0] * count
+        pruned_once = False  # the statistics pass left every pruned delta of the tensor in `deltas`
         if self.has_statistics_pass(params):
             sums = [[0.0, 0.0] for _ in range(count)]
+            chunks = 0
             for chunk in stream.chunks():
+                chunks += 1
                 for index, model in enumerate(chunk.models):
                     total, kept = backend.della_deltas(deltas[index][:chunk.count], chunk.base, model, row_length,
                                                        *pruning[index], *keys[index], 1.0, chunk.start)
                     sums[index][0] += total
                     sums[index][1] += kept
             scales = [total / kept if total >= L1_EPS and kept >= L1_EPS else 1.0 for total, kept in sums]
+            pruned_once = chunks == 1
         spec = GtaSpec(tuple(float(w) for w in params.model("weight")), (Sparsify(),) * count, self.consensus,
                        bool(params["normalize"]), float(params["lambda"]))
         zeros, base32, mixed = (backend.empty(size, "F32") for _ in range(3))
@@ -82,8 +88,13 @@ class Della(MergeMethod):
             n = chunk.count
             pruned = [deltas[index][:n] for index in range(count)]
             for index, model in enumerate(chunk.models):
-                backend.della_deltas(pruned[index], chunk.base, model, row_length, *pruning[index], *keys[index],
-                                     scales[index], chunk.start)
+                if pruned_once:
+                    # kept ? (delta * 1) * scale : +0, the very fp32 products della_deltas would write
+                    # (and a kept -0 turning +0 cannot reach the output, whose sum starts from +0)
+                    backend.linear(pruned[index], [pruned[index]], [scales[index]])
+                else:
+                    backend.della_deltas(pruned[index], chunk.base, model, row_length, *pruning[index],
+                                         *keys[index], scales[index], chunk.start)
             # the pruned deltas combined as task vectors of a zero base, then added to the base: the
             # same fp32 operations as a task-arithmetic combine of them
             backend.gta(mixed[:n], zeros[:n], pruned, spec, chunk.start)
