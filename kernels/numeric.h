@@ -148,24 +148,8 @@ static inline uint32_t keep_flag(uint64_t index, const PhiloxKeys& keys, uint32_
   return 0u - uint32_t((philox_draw(index, keys) >> 8) < threshold);
 }
 
-// Philox draws of elements index0 .. index0+count-1 (words of whole counters computed once each).
-static inline void philox_draws(uint32_t* __restrict draws, uint64_t index0, int64_t count, const PhiloxKeys& keys) {
-  int64_t i = 0;
-  for (; i < count && ((index0 + uint64_t(i)) & (kPhiloxBlock - 1)); ++i) draws[i] = philox_draw(index0 + i, keys);
-  for (; i + kPhiloxBlock <= count; i += kPhiloxBlock) {
-    const uint64_t first = ((index0 + uint64_t(i)) >> 6) * 16;
-    for (int lane = 0; lane < 16; ++lane) {
-      const uint64_t counter = first + uint64_t(lane);
-      uint32_t words[4] = {uint32_t(counter), uint32_t(counter >> 32), 0u, 0u};
-      philox4x32(words, keys);
-      for (int word = 0; word < 4; ++word) draws[i + 16 * word + lane] = words[word];
-    }
-  }
-  for (; i < count; ++i) draws[i] = philox_draw(index0 + i, keys);
-}
-
-// keep[i] = all ones iff (draw(index0 + i) >> 8) < threshold, else 0. The SIMD versions handle the
-// whole blocks; the elements before the first block boundary and after the last use the scalar code.
+// The 64 draws of the block whose first counter is `first` (a multiple of 16), by ISA: draws[16 * word
+// + lane] is word `word` of counter first + lane, as philox_draw defines.
 #if defined(__AVX512F__)
 // Compilers widen the scalar version's 32x32->64-bit products to 64x64-bit vpmullq, several times
 // slower than vpmuludq on the even and odd 32-bit lanes, done here.
@@ -176,37 +160,42 @@ static inline void mulhilo16(__m512i value, __m512i multiplier, __m512i& high, _
   high = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
 }
 
-static inline void philox_keep(uint32_t* keep, uint64_t index0, int64_t count, const PhiloxKeys& keys,
-                               uint32_t threshold) {
+// The four words of counters first .. first+15, one counter per lane.
+static inline void philox_block_words(uint64_t first, const PhiloxKeys& keys, __m512i words[4]) {
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i m0 = _mm512_set1_epi32(int(kPhiloxM0)), m1 = _mm512_set1_epi32(int(kPhiloxM1));
-  const __m512i limit = _mm512_set1_epi32(int(threshold)), ones = _mm512_set1_epi32(-1);
-  int64_t i = 0;
-  for (; i < count && ((index0 + uint64_t(i)) & (kPhiloxBlock - 1)); ++i) keep[i] = keep_flag(index0 + i, keys, threshold);
-  for (; i + kPhiloxBlock <= count; i += kPhiloxBlock) {
-    // counters 16b .. 16b+15: the low word is a multiple of 16 plus a lane, so it never wraps
-    const uint64_t first = ((index0 + uint64_t(i)) >> 6) * 16;
-    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(int(uint32_t(first))), lanes);
-    __m512i c1 = _mm512_set1_epi32(int(uint32_t(first >> 32)));
-    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
-    for (int round = 0; round < kPhiloxRounds; ++round) {
-      __m512i high0, low0, high1, low1;
-      mulhilo16(c0, m0, high0, low0);
-      mulhilo16(c2, m1, high1, low1);
-      const __m512i next0 = _mm512_xor_si512(_mm512_xor_si512(high1, c1), _mm512_set1_epi32(int(keys.k0[round])));
-      const __m512i next2 = _mm512_xor_si512(_mm512_xor_si512(high0, c3), _mm512_set1_epi32(int(keys.k1[round])));
-      c1 = low1;
-      c3 = low0;
-      c0 = next0;
-      c2 = next2;
-    }
-    const __m512i words[4] = {c0, c1, c2, c3};
-    for (int word = 0; word < 4; ++word) {
-      const __mmask16 kept = _mm512_cmplt_epu32_mask(_mm512_srli_epi32(words[word], 8), limit);
-      _mm512_storeu_si512(keep + i + 16 * word, _mm512_maskz_mov_epi32(kept, ones));
-    }
+  // the low word is a multiple of 16 plus a lane, so it never wraps
+  __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(int(uint32_t(first))), lanes);
+  __m512i c1 = _mm512_set1_epi32(int(uint32_t(first >> 32)));
+  __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    __m512i high0, low0, high1, low1;
+    mulhilo16(c0, m0, high0, low0);
+    mulhilo16(c2, m1, high1, low1);
+    const __m512i next0 = _mm512_xor_si512(_mm512_xor_si512(high1, c1), _mm512_set1_epi32(int(keys.k0[round])));
+    const __m512i next2 = _mm512_xor_si512(_mm512_xor_si512(high0, c3), _mm512_set1_epi32(int(keys.k1[round])));
+    c1 = low1;
+    c3 = low0;
+    c0 = next0;
+    c2 = next2;
   }
-  for (; i < count; ++i) keep[i] = keep_flag(index0 + i, keys, threshold);
+  words[0] = c0, words[1] = c1, words[2] = c2, words[3] = c3;
+}
+
+static inline void philox_block(uint32_t* draws, uint64_t first, const PhiloxKeys& keys) {
+  __m512i words[4];
+  philox_block_words(first, keys, words);
+  for (int word = 0; word < 4; ++word) _mm512_storeu_si512(draws + 16 * word, words[word]);
+}
+
+static inline void philox_block_keep(uint32_t* keep, uint64_t first, const PhiloxKeys& keys, uint32_t threshold) {
+  const __m512i limit = _mm512_set1_epi32(int(threshold)), ones = _mm512_set1_epi32(-1);
+  __m512i words[4];
+  philox_block_words(first, keys, words);
+  for (int word = 0; word < 4; ++word) {
+    const __mmask16 kept = _mm512_cmplt_epu32_mask(_mm512_srli_epi32(words[word], 8), limit);
+    _mm512_storeu_si512(keep + 16 * word, _mm512_maskz_mov_epi32(kept, ones));
+  }
 }
 #elif defined(__AVX2__)
 // 8 counters at a time (half a block), with the same even/odd-lane vpmuludq products as AVX-512.
@@ -217,52 +206,85 @@ static inline void mulhilo8(__m256i value, __m256i multiplier, __m256i& high, __
   high = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
 }
 
+// The four words of counters first .. first+7 (the low word never wraps, as for AVX-512).
+static inline void philox_half_block_words(uint64_t first, const PhiloxKeys& keys, __m256i words[4]) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i m0 = _mm256_set1_epi32(int(kPhiloxM0)), m1 = _mm256_set1_epi32(int(kPhiloxM1));
+  __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(first))), lanes);
+  __m256i c1 = _mm256_set1_epi32(int(uint32_t(first >> 32)));
+  __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    __m256i high0, low0, high1, low1;
+    mulhilo8(c0, m0, high0, low0);
+    mulhilo8(c2, m1, high1, low1);
+    const __m256i next0 = _mm256_xor_si256(_mm256_xor_si256(high1, c1), _mm256_set1_epi32(int(keys.k0[round])));
+    const __m256i next2 = _mm256_xor_si256(_mm256_xor_si256(high0, c3), _mm256_set1_epi32(int(keys.k1[round])));
+    c1 = low1;
+    c3 = low0;
+    c0 = next0;
+    c2 = next2;
+  }
+  words[0] = c0, words[1] = c1, words[2] = c2, words[3] = c3;
+}
+
 // a < b for unsigned 32-bit lanes (AVX2 compares signed only: flip the sign bits).
 static inline __m256i less_unsigned8(__m256i a, __m256i b) {
   const __m256i sign = _mm256_set1_epi32(int(0x80000000u));
   return _mm256_cmpgt_epi32(_mm256_xor_si256(b, sign), _mm256_xor_si256(a, sign));
 }
 
-static inline void philox_keep(uint32_t* keep, uint64_t index0, int64_t count, const PhiloxKeys& keys,
-                               uint32_t threshold) {
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i m0 = _mm256_set1_epi32(int(kPhiloxM0)), m1 = _mm256_set1_epi32(int(kPhiloxM1));
-  const __m256i limit = _mm256_set1_epi32(int(threshold));
-  int64_t i = 0;
-  for (; i < count && ((index0 + uint64_t(i)) & (kPhiloxBlock - 1)); ++i) keep[i] = keep_flag(index0 + i, keys, threshold);
-  for (; i + kPhiloxBlock <= count; i += kPhiloxBlock) {
-    const uint64_t block_first = ((index0 + uint64_t(i)) >> 6) * 16;
-    for (int half = 0; half < 2; ++half) {
-      const uint64_t first = block_first + uint64_t(8 * half);  // low word never wraps (see AVX-512)
-      __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(first))), lanes);
-      __m256i c1 = _mm256_set1_epi32(int(uint32_t(first >> 32)));
-      __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
-      for (int round = 0; round < kPhiloxRounds; ++round) {
-        __m256i high0, low0, high1, low1;
-        mulhilo8(c0, m0, high0, low0);
-        mulhilo8(c2, m1, high1, low1);
-        const __m256i next0 = _mm256_xor_si256(_mm256_xor_si256(high1, c1), _mm256_set1_epi32(int(keys.k0[round])));
-        const __m256i next2 = _mm256_xor_si256(_mm256_xor_si256(high0, c3), _mm256_set1_epi32(int(keys.k1[round])));
-        c1 = low1;
-        c3 = low0;
-        c0 = next0;
-        c2 = next2;
-      }
-      const __m256i words[4] = {c0, c1, c2, c3};
-      for (int word = 0; word < 4; ++word)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(keep + i + 16 * word + 8 * half),
-                            less_unsigned8(_mm256_srli_epi32(words[word], 8), limit));
-    }
+static inline void philox_block(uint32_t* draws, uint64_t first, const PhiloxKeys& keys) {
+  for (int half = 0; half < 2; ++half) {
+    __m256i words[4];
+    philox_half_block_words(first + uint64_t(8 * half), keys, words);
+    for (int word = 0; word < 4; ++word)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(draws + 16 * word + 8 * half), words[word]);
   }
-  for (; i < count; ++i) keep[i] = keep_flag(index0 + i, keys, threshold);
+}
+
+static inline void philox_block_keep(uint32_t* keep, uint64_t first, const PhiloxKeys& keys, uint32_t threshold) {
+  const __m256i limit = _mm256_set1_epi32(int(threshold));
+  for (int half = 0; half < 2; ++half) {
+    __m256i words[4];
+    philox_half_block_words(first + uint64_t(8 * half), keys, words);
+    for (int word = 0; word < 4; ++word)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(keep + 16 * word + 8 * half),
+                          less_unsigned8(_mm256_srli_epi32(words[word], 8), limit));
+  }
 }
 #else
-// The draws of whole counters (each serves four elements), then the comparison.
-static inline void philox_keep(uint32_t* keep, uint64_t index0, int64_t count, const PhiloxKeys& keys,
-                               uint32_t threshold) {
-  philox_draws(keep, index0, count, keys);
-  for (int64_t i = 0; i < count; ++i) keep[i] = 0u - uint32_t((keep[i] >> 8) < threshold);
+static inline void philox_block(uint32_t* draws, uint64_t first, const PhiloxKeys& keys) {
+  for (int lane = 0; lane < 16; ++lane) {
+    const uint64_t counter = first + uint64_t(lane);
+    uint32_t words[4] = {uint32_t(counter), uint32_t(counter >> 32), 0u, 0u};
+    philox4x32(words, keys);
+    for (int word = 0; word < 4; ++word) draws[16 * word + lane] = words[word];
+  }
+}
+
+static inline void philox_block_keep(uint32_t* keep, uint64_t first, const PhiloxKeys& keys, uint32_t threshold) {
+  philox_block(keep, first, keys);
+  for (int i = 0; i < kPhiloxBlock; ++i) keep[i] = 0u - uint32_t((keep[i] >> 8) < threshold);
 }
 #endif
+
+// Philox draws of elements index0 .. index0+count-1: the scalar definition before the first block
+// boundary and after the last, whole blocks (each counter's words computed once) in between.
+static inline void philox_draws(uint32_t* __restrict draws, uint64_t index0, int64_t count, const PhiloxKeys& keys) {
+  int64_t i = 0;
+  for (; i < count && ((index0 + uint64_t(i)) & (kPhiloxBlock - 1)); ++i) draws[i] = philox_draw(index0 + i, keys);
+  for (; i + kPhiloxBlock <= count; i += kPhiloxBlock) philox_block(draws + i, ((index0 + uint64_t(i)) >> 6) * 16, keys);
+  for (; i < count; ++i) draws[i] = philox_draw(index0 + i, keys);
+}
+
+// keep[i] = all ones iff (draw(index0 + i) >> 8) < threshold, else 0.
+static inline void philox_keep(uint32_t* keep, uint64_t index0, int64_t count, const PhiloxKeys& keys,
+                               uint32_t threshold) {
+  int64_t i = 0;
+  for (; i < count && ((index0 + uint64_t(i)) & (kPhiloxBlock - 1)); ++i) keep[i] = keep_flag(index0 + i, keys, threshold);
+  for (; i + kPhiloxBlock <= count; i += kPhiloxBlock)
+    philox_block_keep(keep + i, ((index0 + uint64_t(i)) >> 6) * 16, keys, threshold);
+  for (; i < count; ++i) keep[i] = keep_flag(index0 + i, keys, threshold);
+}
 
 }  // namespace dtm

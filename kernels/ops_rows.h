@@ -150,6 +150,15 @@ int della_deltas(void* out, int out_dtype, const void* base_data, const void* mo
     return DTM_EBADARG;
   const int64_t rows = n / row_length;
   const PhiloxKeys keys(key_low, key_high);
+  // the keep threshold of each rank, the same for every row: computed once, not per element
+  std::vector<uint32_t> rank_threshold(static_cast<size_t>(row_length));
+  for (int64_t rank = 0; rank < row_length; ++rank) {
+    const double rank_norm = row_length > 1 ? double(rank) / double(row_length - 1) : 0.0;
+    const double probability = (density - epsilon) + rank_norm * 2.0 * epsilon;
+    double threshold = floor(probability * 16777216.0 + 0.5);
+    threshold = threshold < 0.0 ? 0.0 : (threshold > 16777216.0 ? 16777216.0 : threshold);
+    rank_threshold[size_t(rank)] = uint32_t(threshold);
+  }
   std::vector<double> row_total(size_t(rows), 0.0), row_kept(size_t(rows), 0.0);
 #pragma omp parallel if (n >= kMinParallelTiles * kTile && rows > 1)
   {
@@ -171,11 +180,7 @@ int della_deltas(void* out, int out_dtype, const void* base_data, const void* mo
       double total = 0.0, kept = 0.0;
       for (int64_t rank = 0; rank < row_length; ++rank) {
         const int64_t i = int64_t(order[size_t(rank)] & 0xFFFFFFFFu);
-        const double rank_norm = row_length > 1 ? double(rank) / double(row_length - 1) : 0.0;
-        const double probability = (density - epsilon) + rank_norm * 2.0 * epsilon;
-        double threshold = floor(probability * 16777216.0 + 0.5);
-        threshold = threshold < 0.0 ? 0.0 : (threshold > 16777216.0 ? 16777216.0 : threshold);
-        const bool keep = (draws[size_t(i)] >> 8) < uint32_t(threshold);
+        const bool keep = (draws[size_t(i)] >> 8) < rank_threshold[size_t(rank)];
         const double magnitude = fabs(double(delta[size_t(i)]));
         total += magnitude;
         kept += keep ? magnitude : 0.0;

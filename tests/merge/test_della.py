@@ -17,18 +17,22 @@ from dtm_fast.merge.backends.reference import ReferenceBackend
 from dtm_fast.merge.config import MergeConfig, ModelInput
 from dtm_fast.merge.methods import METHODS
 from dtm_fast.merge.methods.base import TensorContext
+from tests.backends.conftest import cpu_isas
 
 REFERENCE = ReferenceBackend()
 
 
-@pytest.fixture
-def cpu_backend():
-    from dtm_fast.merge.backends import native
-    from dtm_fast.merge.backends.cpu import CpuBackend
+@pytest.fixture(params=cpu_isas())
+def cpu_backend(request):
+    """The cpu backend running the kernels of each instruction set this CPU has (their Philox draws
+    and sorts are written per instruction set)."""
+    from dtm_fast.merge.backends import cpu, native
 
     if native.unavailable_reason():
         pytest.skip(native.unavailable_reason())
-    return CpuBackend()
+    cpu.set_kernels_isa(request.param)
+    yield cpu.CpuBackend()
+    cpu.set_kernels_isa(cpu_isas()[-1])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
