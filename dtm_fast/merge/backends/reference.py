@@ -273,20 +273,24 @@ def slerp_coefficients_from_products(norm_sq_a: "torch.Tensor", norm_sq_b: "torc
     return coef_a, coef_b
 
 
-def model_stock_ratio(gram: "torch.Tensor") -> "torch.Tensor":
+def model_stock_ratio(gram):
     """Model Stock's interpolation ratio t = K cos / (1 + (K-1) cos), cos = mean pairwise cosine of
-    the deltas, from their Gram matrix (..., K, K); 0 where the denominator vanishes."""
-    import torch
+    the deltas, from their Gram matrix (..., K, K); 0 where the denominator vanishes. `gram` is a
+    torch tensor (rows of the reference and Triton backends) or a float64 numpy array (the
+    per-tensor ratio, which so needs no torch import on the cpu backend)."""
+    import numpy as np
 
+    if isinstance(gram, np.ndarray):
+        clamp, stack, where, sqrt = np.clip, np.stack, np.where, np.sqrt
+    else:
+        import torch
+
+        clamp, stack, where, sqrt = torch.clamp, torch.stack, torch.where, torch.sqrt
     count = gram.shape[-1]
-    norms = torch.sqrt(torch.diagonal(gram, dim1=-2, dim2=-1).clamp(min=0))  # (..., K)
-    cosines = []
-    for i in range(count):
-        for j in range(i + 1, count):
-            product = (norms[..., i] * norms[..., j]).clamp(min=1e-6)
-            cosines.append((gram[..., i, j] / product).clamp(-1, 1))
-    cos = torch.stack(cosines).mean(0)
+    norms = [sqrt(clamp(gram[..., i, i], 0, None)) for i in range(count)]
+    cosines = [clamp(gram[..., i, j] / clamp(norms[i] * norms[j], 1e-6, None), -1, 1)
+               for i in range(count) for j in range(i + 1, count)]
+    cos = stack(cosines).mean(0)
     denominator = 1 + (count - 1) * cos
-    singular = denominator.abs() < 1e-6
-    safe = torch.where(singular, torch.ones_like(denominator), denominator)
-    return torch.where(singular, torch.zeros_like(cos), count * cos / safe)
+    singular = abs(denominator) < 1e-6
+    return where(singular, 0.0, count * cos / where(singular, 1.0, denominator))

@@ -19,15 +19,13 @@ class ModelStock(MergeMethod):
             for chunk in stream.chunks(write=True):
                 backend.model_stock_rows(chunk.out, chunk.base, chunk.models, self.row_length(stream.context))
             return
-        import torch
-
         from dtm_fast.merge.backends.reference import model_stock_ratio
 
         gram = None
         for chunk in stream.chunks():
             part = backend.delta_gram(chunk.base, chunk.models)  # (K, K) float64 numpy
             gram = part if gram is None else gram + part
-        ratio = float(model_stock_ratio(torch.from_numpy(gram)))
+        ratio = float(model_stock_ratio(gram))  # numpy: no torch import
         for chunk in stream.chunks(write=True):
             backend.model_stock_combine(chunk.out, chunk.base, chunk.models, ratio)
 
