@@ -98,3 +98,10 @@ inline void abs_delta_tile(float* __restrict delta, float* __restrict scratch, c
   load_tile(scratch, base, dtype, offset, count);
   for (int64_t i = 0; i < count; ++i) delta[i] = fabsf(delta[i] - scratch[i]);
 }
+
+// order_statistics.order_keys: -0 as +0, every NaN above +inf, negatives below positives, as a
+// uint32 that orders like the value.
+inline uint32_t order_key(float value) {
+  const uint32_t bits = value != value ? 0x7FC00000u : bits_from_float(value + 0.0f);
+  return (bits >> 31) ? ~bits : bits + 0x80000000u;
+}

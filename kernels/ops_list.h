@@ -90,4 +90,33 @@
   /* counts[2m], counts[2m + 1] = model m's shared and unique contributions (|x_m - b| > epsilon) */          \
   X(ram_counts, (const void* base, const void* const* models, int dtype, int64_t num_models, float epsilon,      \
                  int64_t n, int64_t* counts),                                                                    \
-    (base, models, dtype, num_models, epsilon, n, counts))
+    (base, models, dtype, num_models, epsilon, n, counts))                                                       \
+  /* SCE: per-element population variance of the deltas (Welford in double) */                                 \
+  X(sce_variance, (void* out, int out_dtype, const void* base, const void* const* models, int dtype,              \
+                   int64_t num_models, int64_t n),                                                               \
+    (out, out_dtype, base, models, dtype, num_models, n))                                                        \
+  /* SCE: sums[m] = sum of model m's squared deltas where the top-k rule keeps the variance (all: null) */       \
+  X(sce_squares, (const void* base, const void* const* models, int dtype, int64_t num_models,                    \
+                  const void* variance, int64_t rule_key, int64_t tie_stop, int64_t start, int64_t n,            \
+                  double* sums),                                                                                 \
+    (base, models, dtype, num_models, variance, rule_key, tie_stop, start, n, sums))                             \
+  /* SCE's combine: sign election on the (selected) deltas, weighted mean of the agreeing ones */              \
+  X(sce, (void* out, int out_dtype, const void* base, const void* const* models, int dtype, int64_t num_models,  \
+          const float* weights, const void* variance, int64_t rule_key, int64_t tie_stop, int64_t start,         \
+          int64_t n),                                                                                            \
+    (out, out_dtype, base, models, dtype, num_models, weights, variance, rule_key, tie_stop, start, n))          \
+  /* arcee_fusion: out = |x - b| * divergence[row] (one fp32 divergence per row of row_length) */              \
+  X(fusion_importance, (void* out, int out_dtype, const void* base, const void* model, int dtype,                \
+                        const void* divergence, int64_t row_length, int64_t n),                                  \
+    (out, out_dtype, base, model, dtype, divergence, row_length, n))                                             \
+  /* arcee_fusion: y = b + (x - b) * [importance >= threshold] */                                              \
+  X(fusion_combine, (void* out, int out_dtype, const void* base, const void* model, int dtype,                   \
+                     const void* importance, int importance_dtype, float threshold, int64_t n),                  \
+    (out, out_dtype, base, model, dtype, importance, importance_dtype, threshold, n))                            \
+  /* order keys of an fp32 statistic: radix-select histogram (high 16 bits, or a bucket's low 16) */          \
+  X(order_key_histogram, (const void* values, int dtype, int64_t n, int64_t* histogram, int32_t bucket),         \
+    (values, dtype, n, histogram, bucket))                                                                       \
+  /* count = how many order keys equal `key`; position = index of the nth of them (1-based), or -1 */         \
+  X(order_key_position, (const void* values, int dtype, int64_t key, int64_t nth, int64_t n, int64_t* count,     \
+                         int64_t* position),                                                                     \
+    (values, dtype, key, nth, n, count, position))

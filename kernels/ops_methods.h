@@ -1,4 +1,5 @@
-// Element-wise combines of nearswap and RAM / RAM+ (reference_methods.py is their specification).
+// Element-wise combines of nearswap, RAM / RAM+, SCE and arcee_fusion (reference_methods.py is their
+// specification).
 // Included by ops_body.h inside its anonymous namespace, so it is compiled once per instruction set.
 #pragma once
 
@@ -115,6 +116,178 @@ int ram_counts(const void* base_data, const void* const* models, int dtype, int6
     }
 #pragma omp critical
     for (int64_t j = 0; j < 2 * num_models; ++j) counts[j] += mine[size_t(j)];
+  }
+  return 0;
+}
+
+// A tile of SCE's deltas: delta[m * kTile + i] = x_m - b, times 1.0 or 0.0 by whether the top-k rule keeps
+// the element's variance (as the reference multiplies by its mask: a NaN delta stays NaN) when `variance`
+// (the chunk's fp32 statistic) is given. A rule keeps keys above rule_key, and those equal to it below
+// flat index tie_stop (order_statistics.TopRule).
+inline void sce_tile(float* __restrict delta, float* __restrict base, const void* base_data,
+                     const void* const* models, int dtype, int64_t num_models, const float* variance,
+                     int64_t rule_key, int64_t tie_stop, int64_t index0, int64_t offset, int64_t count) {
+  load_tile(base, base_data, dtype, offset, count);
+  float keep[kTile];
+  if (variance != nullptr)
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t key = int64_t(order_key(variance[offset + i]));
+      keep[i] = float(key > rule_key || (key == rule_key && index0 + i < tie_stop));
+    }
+  for (int64_t m = 0; m < num_models; ++m) {
+    float* row = delta + m * kTile;
+    load_tile(row, models[m], dtype, offset, count);
+    for (int64_t i = 0; i < count; ++i) row[i] -= base[i];
+    if (variance != nullptr)
+      for (int64_t i = 0; i < count; ++i) row[i] *= keep[i];
+  }
+}
+
+// reference.sce_variance: per element, the population variance of the models' fp32 deltas, by
+// Welford's update in double (torch.var's CPU reduction), rounded to fp32.
+int sce_variance(void* out, int out_dtype, const void* base_data, const void* const* models, int dtype,
+                 int64_t num_models, int64_t n) {
+  if (!valid_dtype(dtype) || !valid_dtype(out_dtype) || n < 0 || num_models < 1) return DTM_EBADARG;
+  const int64_t tiles = tile_count(n);
+#pragma omp parallel if (tiles >= kMinParallelTiles)
+  {
+    std::vector<float> delta(size_t(num_models) * kTile);
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      const int64_t offset = tile * kTile, count = n - offset < kTile ? n - offset : kTile;
+      float base[kTile], variance[kTile];
+      sce_tile(delta.data(), base, base_data, models, dtype, num_models, nullptr, 0, 0, 0, offset, count);
+      double mean[kTile], m2[kTile];
+      for (int64_t i = 0; i < count; ++i) mean[i] = m2[i] = 0.0;
+      for (int64_t m = 0; m < num_models; ++m) {
+        const float* row = delta.data() + m * kTile;
+        const double seen = double(m + 1);
+        for (int64_t i = 0; i < count; ++i) {
+          const double value = double(row[i]), step = value - mean[i];
+          mean[i] += step / seen;
+          m2[i] += step * (value - mean[i]);
+        }
+      }
+      for (int64_t i = 0; i < count; ++i) variance[i] = float(m2[i] / double(num_models));
+      store_tile(out, out_dtype, offset, variance, count);
+    }
+  }
+  return 0;
+}
+
+// reference.sce_squares: sums[m] = the float64 sum of model m's squared deltas over the elements the
+// rule keeps (variance given) or all of them; per-tile sums added in tile order.
+int sce_squares(const void* base_data, const void* const* models, int dtype, int64_t num_models,
+                const void* variance, int64_t rule_key, int64_t tie_stop, int64_t start, int64_t n, double* sums) {
+  if (!valid_dtype(dtype) || n < 0 || num_models < 0 || start < 0) return DTM_EBADARG;
+  const int64_t tiles = tile_count(n);
+  std::vector<double> partial(size_t(tiles * num_models), 0.0);  // (tiles, models)
+#pragma omp parallel if (tiles >= kMinParallelTiles)
+  {
+    std::vector<float> delta(size_t(num_models > 0 ? num_models : 1) * kTile);
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      const int64_t offset = tile * kTile, count = n - offset < kTile ? n - offset : kTile;
+      float base[kTile];
+      sce_tile(delta.data(), base, base_data, models, dtype, num_models, static_cast<const float*>(variance),
+               rule_key, tie_stop, start + offset, offset, count);
+      for (int64_t m = 0; m < num_models; ++m) {
+        const float* row = delta.data() + m * kTile;
+        double sum = 0.0;
+        for (int64_t i = 0; i < count; ++i) sum += double(row[i]) * double(row[i]);  // exact products
+        partial[size_t(tile * num_models + m)] = sum;
+      }
+    }
+  }
+  for (int64_t m = 0; m < num_models; ++m) sums[m] = 0.0;
+  for (int64_t tile = 0; tile < tiles; ++tile)
+    for (int64_t m = 0; m < num_models; ++m) sums[m] += partial[size_t(tile * num_models + m)];
+  return 0;
+}
+
+// reference.sce: the sign of the deltas' plain sum (from +0, in model order; NaN elects negative) is
+// elected; a delta agrees when its sign is that one (a zero or NaN delta never does); e_m = w_m * agree,
+// out = b + sum_m d_m e_m / clamp(sum_m e_m, min 1e-6) (NaN stays NaN, as torch's clamp).
+int sce(void* out, int out_dtype, const void* base_data, const void* const* models, int dtype, int64_t num_models,
+        const float* weights, const void* variance, int64_t rule_key, int64_t tie_stop, int64_t start, int64_t n) {
+  if (!valid_dtype(dtype) || !valid_dtype(out_dtype) || n < 0 || num_models < 0 || start < 0) return DTM_EBADARG;
+  const int64_t tiles = tile_count(n);
+  const float floor_weight = 1e-6f;
+#pragma omp parallel if (tiles >= kMinParallelTiles)
+  {
+    std::vector<float> delta(size_t(num_models > 0 ? num_models : 1) * kTile);
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      const int64_t offset = tile * kTile, count = n - offset < kTile ? n - offset : kTile;
+      float base[kTile], total[kTile], mixed[kTile], erased_sum[kTile];
+      sce_tile(delta.data(), base, base_data, models, dtype, num_models, static_cast<const float*>(variance),
+               rule_key, tie_stop, start + offset, offset, count);
+      for (int64_t i = 0; i < count; ++i) total[i] = mixed[i] = erased_sum[i] = 0.0f;
+      for (int64_t m = 0; m < num_models; ++m) {
+        const float* row = delta.data() + m * kTile;
+        for (int64_t i = 0; i < count; ++i) total[i] += row[i];
+      }
+      for (int64_t m = 0; m < num_models; ++m) {
+        const float* row = delta.data() + m * kTile;
+        const float weight = weights[m];
+        for (int64_t i = 0; i < count; ++i) {
+          const bool positive = total[i] >= 0.0f;
+          const float agree = float(positive ? row[i] > 0.0f : row[i] < 0.0f);
+          const float erased = weight * agree;
+          mixed[i] += row[i] * erased;
+          erased_sum[i] += erased;
+        }
+      }
+      for (int64_t i = 0; i < count; ++i) {
+        const float divisor = erased_sum[i] != erased_sum[i] ? erased_sum[i]
+                              : (erased_sum[i] < floor_weight ? floor_weight : erased_sum[i]);
+        mixed[i] = base[i] + mixed[i] / divisor;
+      }
+      store_tile(out, out_dtype, offset, mixed, count);
+    }
+  }
+  return 0;
+}
+
+// reference.fusion_importance: out = |x - b| * divergence[row], the row's KL divergence (computed by the
+// reference, once per chunk) of each run of row_length elements.
+int fusion_importance(void* out, int out_dtype, const void* base_data, const void* model, int dtype,
+                      const void* divergence, int64_t row_length, int64_t n) {
+  if (!valid_dtype(dtype) || !valid_dtype(out_dtype) || n < 0 || row_length < 1 || n % row_length != 0)
+    return DTM_EBADARG;
+  const float* row_divergence = static_cast<const float*>(divergence);
+  const int64_t tiles = tile_count(n);
+#pragma omp parallel for schedule(static) if (tiles >= kMinParallelTiles)
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t offset = tile * kTile, count = n - offset < kTile ? n - offset : kTile;
+    float delta[kTile], scratch[kTile];
+    abs_delta_tile(delta, scratch, base_data, model, dtype, offset, count);
+    int64_t row = offset / row_length, row_end = (row + 1) * row_length - offset;
+    for (int64_t i = 0; i < count; ++i) {
+      if (i == row_end) ++row, row_end += row_length;
+      delta[i] *= row_divergence[row];
+    }
+    store_tile(out, out_dtype, offset, delta, count);
+  }
+  return 0;
+}
+
+// reference.fusion_combine: y = b + (x - b) * [importance >= threshold] (as 1.0 / 0.0: an infinite delta
+// not kept gives NaN, as torch's product does).
+int fusion_combine(void* out, int out_dtype, const void* base_data, const void* model, int dtype,
+                   const void* importance, int importance_dtype, float threshold, int64_t n) {
+  if (!valid_dtype(dtype) || !valid_dtype(out_dtype) || importance_dtype != DTM_F32 || n < 0) return DTM_EBADARG;
+  const float* scores = static_cast<const float*>(importance);
+  const int64_t tiles = tile_count(n);
+#pragma omp parallel for schedule(static) if (tiles >= kMinParallelTiles)
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t offset = tile * kTile, count = n - offset < kTile ? n - offset : kTile;
+    float base[kTile], values[kTile];
+    load_tile(base, base_data, dtype, offset, count);
+    load_tile(values, model, dtype, offset, count);
+    for (int64_t i = 0; i < count; ++i)
+      values[i] = base[i] + (values[i] - base[i]) * float(scores[offset + i] >= threshold);
+    store_tile(out, out_dtype, offset, values, count);
   }
   return 0;
 }

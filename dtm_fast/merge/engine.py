@@ -134,6 +134,9 @@ def stream_shards(config: MergeConfig, source: MergeSource, backend, needs: Chun
     from dtm_fast.merge.stream import Buffers, ChunkIO, FileCache
 
     release_large_allocations_promptly()
+    if config.method_impl.uses_torch:
+        import torch  # noqa: F401 - part of the interpreter's memory, not of the merge's budget
+
     baseline = resident_bytes()
     chunks = source.chunk_sizes(todo, needs, budget)
     chunk = max(chunks.values(), default=0) if chunks else 0

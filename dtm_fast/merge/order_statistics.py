@@ -70,7 +70,7 @@ class Statistic:
     def __init__(self, stream, fill: Fill):
         self.stream = stream
         self.fill = fill
-        self.values = stream.backend.empty(stream.chunk_elements, "F32")
+        self.values = stream.backend.scratch("order_statistics.values", stream.chunk_elements, "F32")
         self._holds: int | None = None  # start of the chunk whose statistic the buffer holds
 
     def chunks(self, write: bool = False) -> Iterator[tuple["Chunk", object]]:

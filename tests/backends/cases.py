@@ -235,3 +235,85 @@ def check_dare_masks(backend, count, start, density, seed=3):
     expected = rng.keep_mask(key, start, count, rule.threshold)
     assert torch.equal(kept == 1, expected)
     assert torch.equal(kept[~expected], torch.zeros(int((~expected).sum())))
+
+
+# -- SCE, arcee_fusion and the order keys of their statistics -------------------------------------------
+def check_sce(backend, count, in_dtype, out_dtype, models=3, special=False):
+    """The variance, then the combine and the squared sums without a selection and with top-k rules:
+    one that splits the ties at a mid key by flat index, one at the zero variance, one keeping nothing."""
+    from dtm_fast.merge.order_statistics import ZERO_KEY, TopRule, order_keys
+
+    base, inputs = chunk_inputs(count, in_dtype, models, seed=31 * count + models, special=special)
+    expected, actual = outputs(count, torch.float32)
+    REFERENCE.sce_variance(expected, base, inputs)
+    backend.sce_variance(actual, base, inputs)
+    assert_within_ulps(actual, expected, 0)
+    weights = [0.4, 0.25, 0.35, 0.1, 0.6][:models]
+    same_as_reference(backend, "sce", count, out_dtype, base, inputs, weights)
+    rules = [TopRule(), TopRule(ZERO_KEY, START + count // 2)]
+    if count:
+        rules.append(TopRule(int(order_keys(expected[count // 2: count // 2 + 1])[0]), START + count // 3))
+    for rule in rules:
+        same_as_reference(backend, "sce", count, out_dtype, base, inputs, weights, expected, rule, START)
+        ours = backend.sce_squares(base, inputs, expected, rule, START)
+        theirs = REFERENCE.sce_squares(base, inputs, expected, rule, START)
+        assert np.allclose(ours, theirs, rtol=1e-12, atol=0, equal_nan=True), (rule, ours, theirs)
+
+
+def fusion_row_lengths(count: int) -> list[int]:
+    return sorted({length for length in (1, 3, 7, 23, 89, 103, 179, 683, count) if 0 < length <= count
+                   and count % length == 0})
+
+
+def check_fusion(backend, count, in_dtype, out_dtype, special=False):
+    """arcee_fusion's importance from each row's divergence, for several row lengths, then its combine
+    at the median importance (and at +inf: nothing kept, an infinite delta gives NaN)."""
+    base, (model,) = chunk_inputs(count, in_dtype, 1, seed=37 * count + 1, special=special)
+    for row_length in fusion_row_lengths(count):
+        divergence, ours = outputs(count // row_length, torch.float32)
+        REFERENCE.fusion_divergence(divergence, base, model, row_length)
+        backend.fusion_divergence(ours, base, model, row_length)
+        assert_within_ulps(ours, divergence, 0)
+        expected, actual = outputs(count, torch.float32)
+        REFERENCE.fusion_importance(expected, base, model, divergence, row_length)
+        backend.fusion_importance(actual, base, model, divergence, row_length)
+        assert_within_ulps(actual, expected, 0)
+        finite = expected[torch.isfinite(expected)]
+        median = float(finite.median()) if finite.numel() else 0.0
+        for threshold in (median, float("inf")):
+            same_as_reference(backend, "fusion_combine", count, out_dtype, base, model, expected, threshold)
+
+
+def order_key_values(count: int, seed: int) -> torch.Tensor:
+    """fp32 statistics with ties, both zeros, infinities and NaNs of several payloads (one key)."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(count, generator=generator).to(torch.bfloat16).float()  # bf16-rounded: many ties
+    if count >= 8:
+        nan_bits = torch.tensor([0x7FC00000, 0x7F800001, -0x400000, -1], dtype=torch.int32).view(torch.float32)
+        values[:4] = nan_bits
+        values[4:8] = torch.tensor([0.0, -0.0, float("inf"), float("-inf")])
+        values = values[torch.randperm(count, generator=generator)]
+    return values
+
+
+def check_order_keys(backend, count):
+    """Both radix-select histograms and the tie positions, against the reference."""
+    from dtm_fast.merge.order_statistics import ZERO_KEY, order_keys
+
+    values = order_key_values(count, seed=41 * count)
+    expected = torch.full((1 << 16,), 3, dtype=torch.int64)  # the operation adds to what is there
+    actual = expected.clone()
+    REFERENCE.order_key_histogram(values, expected, None)
+    backend.order_key_histogram(values, actual, None)
+    assert torch.equal(actual, expected)
+    keys = order_keys(values)
+    for bucket in ({int(torch.argmax(expected))} | ({int(keys[0]) >> 16} if count else set())):
+        low_expected, low_actual = torch.zeros(1 << 16, dtype=torch.int64), torch.zeros(1 << 16, dtype=torch.int64)
+        REFERENCE.order_key_histogram(values, low_expected, bucket)
+        backend.order_key_histogram(values, low_actual, bucket)
+        assert torch.equal(low_actual, low_expected) and int(low_expected.sum()) == int(expected[bucket]) - 3
+    wanted = [ZERO_KEY, 0x7FC00000 + ZERO_KEY, 1 << 32] + ([int(keys[count // 2])] if count else [])
+    for key in wanted:
+        tied = int((keys == key).sum())
+        for nth in (0, 1, 2, tied, tied + 1):
+            assert backend.order_key_position(values, key, nth) == REFERENCE.order_key_position(values, key, nth)

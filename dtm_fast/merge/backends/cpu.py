@@ -55,6 +55,15 @@ def _histogram_address(histogram) -> int | None:
     return histogram.data_ptr() if ok else None
 
 
+def _top_rule(variance, rule, count: int, operation: str) -> tuple[int, int, int]:
+    """(address of the chunk's fp32 variance or 0, the rule's key, its tie stop) for the sce kernels."""
+    if rule is None:
+        return 0, 0, 0
+    if native.dtype_name(variance) != "F32" or variance.numel() != count:
+        raise ValueError(f"{operation}: the variance must be fp32 of the chunk's {count} elements")
+    return native.address(variance), int(rule.key), int(rule.tie_stop)
+
+
 def _reference(operation: str):
     """The inherited reference operation, called with HostArrays turned into torch views."""
     function = getattr(ReferenceBackend, operation)
@@ -181,17 +190,53 @@ class CpuBackend(ReferenceBackend):
                                        gram.ctypes.data), "delta_gram")
         return gram
 
+    def sce(self, out, base, models, weights, variance=None, rule=None, start: int = 0) -> None:
+        if not supported([out, base, *models, *([variance] if rule is not None else [])]):
+            return _reference("sce")(self, out, base, models, weights, variance, rule, start)
+        inputs = KernelInputs([base, *models])
+        count = inputs.count(out, "sce")
+        statistic, rule_key, tie_stop = _top_rule(variance, rule, count, "sce")
+        target = KernelOutput(out)
+        check(self._lib.dtm_sce(target.address, target.code, inputs.addresses[0], inputs.pointers(1), inputs.code,
+                                len(models), floats(weights), statistic, rule_key, tie_stop, start, count), "sce")
+        target.finish()
+
+    def sce_squares(self, base, models, variance, rule, start: int) -> list[float]:
+        if not supported([base, *models, variance]):
+            return _reference("sce_squares")(self, base, models, variance, rule, start)
+        inputs = KernelInputs([base, *models])
+        count = inputs.count(None, "sce_squares")
+        statistic, rule_key, tie_stop = _top_rule(variance, rule, count, "sce_squares")
+        sums = (ctypes.c_double * max(1, len(models)))()
+        check(self._lib.dtm_sce_squares(inputs.addresses[0], inputs.pointers(1), inputs.code, len(models), statistic,
+                                        rule_key, tie_stop, start, count, sums), "sce_squares")
+        return [float(sums[m]) for m in range(len(models))]
+
+    def fusion_importance(self, out, base, model, divergence, row_length: int) -> None:
+        if not supported([out, base, model, divergence]) or native.dtype_name(divergence) != "F32":
+            return _reference("fusion_importance")(self, out, base, model, divergence, row_length)
+        inputs = KernelInputs([base, model])
+        count = inputs.count(out, "fusion_importance")
+        if divergence.numel() * row_length != count:
+            raise ValueError(f"fusion_importance: {divergence.numel()} rows of {row_length} for {count} elements")
+        target = KernelOutput(out)
+        check(self._lib.dtm_fusion_importance(target.address, target.code, inputs.addresses[0], inputs.addresses[1],
+                                              inputs.code, native.address(divergence), row_length, count),
+              "fusion_importance")
+        target.finish()
+
+    def order_key_histogram(self, values, histogram, bucket) -> None:
+        address = _histogram_address(histogram)
+        if address is None or native.dtype_name(values) != "F32":
+            return _reference("order_key_histogram")(self, values, histogram, bucket)
+        check(self._lib.dtm_order_key_histogram(native.address(values), 0, values.numel(), address,
+                                                -1 if bucket is None else int(bucket)), "order_key_histogram")
+
     # -- operations without a kernel yet: the reference on torch views of the chunks ------------------
-    sce = _reference("sce")
-    sce_variance = _reference("sce_variance")
-    sce_squares = _reference("sce_squares")
-    fusion_importance = _reference("fusion_importance")
-    fusion_combine = _reference("fusion_combine")
+    fusion_divergence = _reference("fusion_divergence")  # a softmax per row, once per chunk: torch's
     nuslerp_rows = _reference("nuslerp_rows")
     column_products = _reference("column_products")
     column_combine = _reference("column_combine")
-    order_key_histogram = _reference("order_key_histogram")
-    order_key_position = _reference("order_key_position")
 
     # -- not a chunk operation: DARE's mask as the kernels draw it, for tests and tools ---------------
     def keep_mask(self, key: tuple[int, int], start: int, count: int, threshold: int):

@@ -34,7 +34,7 @@ from dtm_fast.merge.host_array import HostArray
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 6  # must equal DTM_KERNELS_ABI_VERSION in kernels/dtm_kernels.h
+ABI_VERSION = 7  # must equal DTM_KERNELS_ABI_VERSION in kernels/dtm_kernels.h
 LIBRARY_NAME = "libdtm_kernels.so"
 ENV_PATH = "DTM_FAST_KERNELS"
 DTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2}  # safetensors tag -> the kernels' DTM_F32 / DTM_F16 / DTM_BF16

@@ -166,6 +166,24 @@ class ReferenceBackend(MethodOps):
 
         return self.view(numpy.empty(count * DTYPE_SIZES[dtype], dtype=numpy.uint8), dtype)
 
+    def scratch(self, purpose: str, count: int, dtype: str):
+        """As `empty`, but the same memory on every call with the same `purpose` (grown when more is
+        asked for). A large buffer allocated afresh for each tensor is faulted in page by page every
+        time, which cost arcee_fusion ~1.5 s of its 8 s; a statistics method's buffers are sized for
+        the budget's chunk, so keeping them between tensors holds no more than one tensor does. A
+        purpose names one live buffer: its user is done with it before asking again."""
+        import numpy
+
+        from dtm_fast.io.dtypes import DTYPE_SIZES
+
+        held = self.__dict__.setdefault("_scratch", {})
+        nbytes = count * DTYPE_SIZES[dtype]
+        raw = held.get(purpose)
+        if raw is None or raw.size < nbytes:
+            held.pop(purpose, None)  # the smaller one is freed before the larger one is taken
+            raw = held[purpose] = numpy.empty(max(nbytes, 1), dtype=numpy.uint8)
+        return self.view(raw[:nbytes], dtype)
+
     # -- statistics ----------------------------------------------------------------------------------
     def abs_delta_histogram(self, base: "torch.Tensor", model: "torch.Tensor", histogram, bucket: int | None) -> None:
         """Adds to `histogram` (int64[65536]) the high 16 bits of every |x - b| key, or, with

@@ -16,6 +16,11 @@ if TYPE_CHECKING:
     from dtm_fast.merge.order_statistics import TopRule
 
 FUSION_EPS = 1e-8  # mergekit's arcee_fusion: added to both softmax distributions
+# arcee_fusion's softmax blocks: fp32 temporaries just under glibc's mmap threshold as the merge sets
+# it (engine.release_large_allocations_promptly, 1 MiB), so they are reused from the heap, not faulted
+# in anew, and each torch operation still has enough elements to keep its threads busy
+FUSION_BLOCK_ELEMENTS = (1 << 18) - 1
+FUSION_BLOCK_TEMPORARIES = 12  # fp32 block-sized arrays alive at once, at most: inputs, softmaxes, terms
 NUSLERP_NORM_FLOOR = 1e-7  # mergekit's nuslerp _normalize clamp
 NUSLERP_COLINEAR_EPS = 1e-8
 
@@ -76,18 +81,32 @@ class MethodOps:
         return [float(value) for value in (deltas * deltas).sum(dim=1)]
 
     # -- arcee_fusion ------------------------------------------------------------------------------
-    def fusion_importance(self, out: "torch.Tensor", base: "torch.Tensor", model: "torch.Tensor",
-                          row_length: int) -> None:
-        """Per element: |x - b| times KL(p || q) of its row of `row_length` elements, p = softmax(x)
-        + 1e-8 and q = softmax(b) + 1e-8 over the row."""
+    def fusion_divergence(self, out: "torch.Tensor", base: "torch.Tensor", model: "torch.Tensor",
+                          row_length: int, block_elements: int = FUSION_BLOCK_ELEMENTS) -> None:
+        """out (fp32, one per row) = KL(p || q) of each row of `row_length` elements, p = softmax(x)
+        + 1e-8 and q = softmax(b) + 1e-8 over the row. Rows are independent, so they are taken in
+        blocks of at most `block_elements` (at least one row): the temporaries stay in cache (a
+        whole chunk at once was 25x slower) and within the memory budget."""
         import torch
 
-        x = model.float().reshape(-1, row_length)  # (rows, row_length)
-        b = base.float().reshape(-1, row_length)
-        p = torch.softmax(x, dim=-1) + FUSION_EPS
-        q = torch.softmax(b, dim=-1) + FUSION_EPS
-        divergence = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)  # (rows, 1)
-        out.copy_(((x - b).abs() * divergence).reshape(-1))
+        x_rows = model.reshape(-1, row_length)
+        b_rows = base.reshape(-1, row_length)
+        block = max(1, block_elements // row_length)
+        for first in range(0, x_rows.shape[0], block):
+            x = x_rows[first:first + block].float()
+            b = b_rows[first:first + block].float()
+            p = torch.softmax(x, dim=-1) + FUSION_EPS
+            q = torch.softmax(b, dim=-1) + FUSION_EPS
+            out[first:first + block] = torch.sum(p * torch.log(p / q), dim=-1)
+
+    def fusion_importance(self, out: "torch.Tensor", base: "torch.Tensor", model: "torch.Tensor",
+                          divergence: "torch.Tensor", row_length: int) -> None:
+        """Per element: |x - b| times its row's `divergence` (fusion_divergence of the same chunk)."""
+        import torch
+
+        rows = torch.as_tensor(divergence, device=out.device).reshape(-1, 1)
+        delta = (model.float() - base.float()).abs().reshape(-1, row_length)
+        out.copy_((delta * rows).reshape(-1))
 
     def fusion_combine(self, out: "torch.Tensor", base: "torch.Tensor", model: "torch.Tensor",
                        importance: "torch.Tensor", threshold: float) -> None:

@@ -79,6 +79,9 @@ class MergeMethod(ABC):
     needs_fisher: ClassVar[bool] = False
     row_wise: ClassVar[bool] = False  # statistics per leading-axis row: chunks hold whole rows
     vector_is_one_row: ClassVar[bool] = False  # per-row statistics see a 1-D tensor as one row (mergekit's)
+    # some of its chunk operations are torch's on every backend: torch is loaded before the merge
+    # takes its memory baseline, so that its ~200 MiB count as the interpreter's, as with a torch backend
+    uses_torch: ClassVar[bool] = False
 
     @property
     def reads_base(self) -> bool:

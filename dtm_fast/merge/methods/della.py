@@ -65,7 +65,7 @@ class Della(MergeMethod):
         pruning = [(d, e) if d < 1 else (1.0, 0.0) for d, e in zip(params.model("density"), params.model("epsilon"))]
         keys = [rng.philox_key(context.seed, context.name, index) for index in range(count)]
         size = stream.chunk_elements
-        deltas = [backend.empty(size, "F32") for _ in range(count)]
+        deltas = [backend.scratch(f"della.deltas.{index}", size, "F32") for index in range(count)]
         scales = [1.0] * count
         pruned_once = False  # the statistics pass left every pruned delta of the tensor in `deltas`
         if self.has_statistics_pass(params):
@@ -82,7 +82,7 @@ class Della(MergeMethod):
             pruned_once = chunks == 1
         spec = GtaSpec(tuple(float(w) for w in params.model("weight")), (Sparsify(),) * count, self.consensus,
                        bool(params["normalize"]), float(params["lambda"]))
-        zeros, base32, mixed = (backend.empty(size, "F32") for _ in range(3))
+        zeros, base32, mixed = (backend.scratch(f"della.{name}", size, "F32") for name in ("zeros", "base32", "mixed"))
         backend.linear(zeros, [], [])  # an empty sum: zeros
         for chunk in stream.chunks(write=True):
             n = chunk.count

@@ -46,10 +46,9 @@ class Sce(MergeMethod):
     )
 
     def statistics_bytes_per_element(self, num_models):
-        # its chunk operations are the torch reference on every backend for now: fp32 deltas, masks and
-        # products of every model at once (backends/reference_methods.py); with select_topk the fp32
-        # variance of a chunk, and its int64 order keys and flat indices beside them
-        return 4 * (3 * num_models + 4) + 4 + 8 * 3
+        # with select_topk, the fp32 variance of a chunk (the reference backend's torch temporaries
+        # are in its own workspace)
+        return 4
 
     def has_statistics_pass(self, params):
         return True
