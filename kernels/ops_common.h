@@ -67,6 +67,11 @@ inline bool valid_rule(const dtm_sparsify& rule) {
   return rule.kind == DTM_SPARSIFY_NONE || rule.kind == DTM_SPARSIFY_BAND;
 }
 
+// A flat index bound as an index within the tile of `count` elements starting at flat index index0.
+inline int32_t tile_local(int64_t bound, int64_t index0, int64_t count) {
+  return bound <= index0 ? 0 : (bound - index0 >= count ? int32_t(count) : int32_t(bound - index0));
+}
+
 // keep[i] = all ones where element index0 + i survives the rule (band / random only), else 0: a bit
 // mask, so that the selects below are and/or on bit patterns and vectorise on every instruction set.
 inline void keep_flags(uint32_t* __restrict keep, const float* __restrict delta, const Rule& rule, int64_t index0,
@@ -78,13 +83,19 @@ inline void keep_flags(uint32_t* __restrict keep, const float* __restrict delta,
       keep[i] = (0u - uint32_t(key >= low)) & (0u - uint32_t(key <= high));
     }
   } else if (rule.kind == DTM_SPARSIFY_BAND) {
+    // The tie ranges as tile-local bounds: 32-bit compares and bitwise logic, which vectorise (the
+    // 64-bit flat indices and short-circuit tests did not: 3.8x slower than the all-ties loop)
     const int32_t low = rule.low, high = rule.high;
-    for (int64_t i = 0; i < count; ++i) {
+    const int32_t low_from = tile_local(rule.low_from, index0, count), low_to = tile_local(rule.low_to, index0, count);
+    const int32_t high_from = tile_local(rule.high_from, index0, count);
+    const int32_t high_to = tile_local(rule.high_to, index0, count);
+    for (int32_t i = 0; i < int32_t(count); ++i) {
       const int32_t key = int32_t(bits_from_float(delta[i]) & 0x7FFFFFFFu);
-      const int64_t index = index0 + i;
-      const bool low_ok = key > low || (key == low && index >= rule.low_from && index < rule.low_to);
-      const bool high_ok = key < high || (key == high && index >= rule.high_from && index < rule.high_to);
-      keep[i] = 0u - uint32_t(low_ok && high_ok);
+      const uint32_t low_tie = uint32_t(i >= low_from) & uint32_t(i < low_to);
+      const uint32_t high_tie = uint32_t(i >= high_from) & uint32_t(i < high_to);
+      const uint32_t low_ok = uint32_t(key > low) | (uint32_t(key == low) & low_tie);
+      const uint32_t high_ok = uint32_t(key < high) | (uint32_t(key == high) & high_tie);
+      keep[i] = 0u - (low_ok & high_ok);
     }
   } else {
     philox_keep(keep, uint64_t(index0), count, rule.keys, rule.threshold);

@@ -55,9 +55,13 @@ class Search:
 
 
 def applies(stream, bands: list[Band | None]) -> bool:
-    """One read is possible: a streamed tensor whose first chunk is large enough for a sample."""
+    """One read is possible, and it saves reads: a tensor streamed in several chunks whose first is
+    large enough for a sample. A tensor held in one chunk is read once whatever the number of passes
+    (its chunk stays in its input slot), and there the exact thresholds from the chunk in memory
+    cost less than keeping the undecided elements aside (11-17% of them with tied bf16 deltas)."""
     first = min(stream.context.numel, stream.chunk_elements)
-    return (not stream.holds_whole_tensor and stream.base_entry is not None and first >= 4 * SAMPLE_ELEMENTS
+    return (not stream.holds_whole_tensor and stream.context.numel > stream.chunk_elements
+            and stream.base_entry is not None and first >= 4 * SAMPLE_ELEMENTS
             and stream.out_fd is not None and any(b is not None and b.last >= b.first for b in bands))
 
 

@@ -99,6 +99,24 @@ def test_over_budget_tensor_is_read_once_and_equals_the_reference(family, tmp_pa
     assert same_bits(merged, reference(family, method, per_model))
 
 
+def test_a_bracket_that_misses_falls_back_to_the_exact_passes(family, tmp_path, reads, monkeypatch):
+    need_cpu()
+    monkeypatch.setattr(magnitude, "bracket", lambda sample, rank, numel: (0, 0))  # every rank lies above it
+    merged = merge(family, tmp_path / "out", "ties", DENSITIES)
+    assert reads["one_read"] == 0 and reads["fallback"] == 1
+    assert same_bits(merged, reference(family, "ties", DENSITIES))
+
+
+def test_a_tensor_held_in_one_chunk_takes_its_thresholds_in_memory(family, tmp_path, reads):
+    """At a budget whose chunk holds the whole tensor, it is read once without the one-read merge's
+    kept-aside elements: the passes over the chunk in its slot read nothing more."""
+    need_cpu()
+    merged = merge(family, tmp_path / "out", "ties", DENSITIES, max_memory=512 * 2**20)
+    assert reads["one_read"] == 0 and reads["fallback"] == 0
+    assert reads["chunks"] == 1 and reads["elements"] == SHAPE[0] * SHAPE[1]
+    assert same_bits(merged, reference(family, "ties", DENSITIES))
+
+
 def test_threshold_ties_all_in_one_read(family, tmp_path, reads):
     need_cpu()
     merged = merge_with(family, tmp_path / "out", "ties", DENSITIES, {"threshold_ties": "all"})
