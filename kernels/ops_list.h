@@ -40,7 +40,7 @@
   X(masked_l1, (const void* base, const void* model, int dtype, int64_t n, const dtm_sparsify* rule,             \
                 int64_t start, double* result),                                                                  \
     (base, model, dtype, n, rule, start, result))                                                                \
-  /* gram[i * num_models + j] = sum (x_i - b)(x_j - b), in double */                                            \
+  /* gram[i * num_models + j] = sum (x_i - b)(x_j - b), in double (a null base: sum x_i x_j) */                                            \
   X(delta_gram, (const void* base, const void* const* models, int dtype, int64_t num_models, int64_t n,          \
                  double* gram),                                                                                  \
     (base, models, dtype, num_models, n, gram))                                                                  \

@@ -34,26 +34,39 @@ int masked_l1(const void* base, const void* model, int dtype, int64_t n, const d
   return 0;
 }
 
+// A dot product in double of `count` fp32 pairs (exact products), summed in kGramLanes interleaved
+// partial sums, combined pairwise: the lanes are independent (a single running sum waits on each
+// add and does not vectorise), and the order is fixed by the code, the same on every instruction set.
+constexpr int64_t kGramLanes = 8;
+
+inline double dot_in_double(const float* __restrict a, const float* __restrict b, int64_t count) {
+  double lanes[kGramLanes] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  int64_t e = 0;
+  for (; e + kGramLanes <= count; e += kGramLanes)
+    for (int64_t lane = 0; lane < kGramLanes; ++lane) lanes[lane] += double(a[e + lane]) * double(b[e + lane]);
+  double sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (; e < count; ++e) sum += double(a[e]) * double(b[e]);
+  return sum;
+}
+
 // Upper-triangle dot products of the K delta rows of one tile, added to pairs[K*(K+1)/2].
 inline void gram_tile(double* pairs, const float* deltas, int64_t num_models, int64_t count) {
   int64_t pair = 0;
   for (int64_t i = 0; i < num_models; ++i)
-    for (int64_t j = i; j < num_models; ++j, ++pair) {
-      const float* a = deltas + i * kTile;
-      const float* b = deltas + j * kTile;
-      double sum = 0.0;
-      for (int64_t e = 0; e < count; ++e) sum += double(a[e]) * double(b[e]);  // exact products
-      pairs[pair] += sum;
-    }
+    for (int64_t j = i; j < num_models; ++j, ++pair)
+      pairs[pair] += dot_in_double(deltas + i * kTile, deltas + j * kTile, count);
 }
 
+// The K models' rows of a tile as fp32 deltas from the base; a null base is zero (the inputs' own
+// Gram matrix: nothing read for it, and x - 0 is x).
 inline void delta_tiles(float* deltas, float* base, const void* base_data, const void* const* models, int dtype,
                         int64_t num_models, int64_t offset, int64_t count) {
-  load_tile(base, base_data, dtype, offset, count);
+  if (base_data != nullptr) load_tile(base, base_data, dtype, offset, count);
   for (int64_t m = 0; m < num_models; ++m) {
     float* row = deltas + m * kTile;
     load_tile(row, models[m], dtype, offset, count);
-    for (int64_t i = 0; i < count; ++i) row[i] -= base[i];
+    if (base_data != nullptr)
+      for (int64_t i = 0; i < count; ++i) row[i] -= base[i];
   }
 }
 

@@ -191,13 +191,19 @@ def check_masked_l1(backend, count, in_dtype):
 
 
 def check_delta_gram(backend, count, in_dtype, models=3):
+    """The deltas' Gram matrix, and without a base the inputs' own (against plain float64 dot products
+    of the inputs as well: no base must mean a zero base, not a missing term)."""
     base, inputs = chunk_inputs(count, in_dtype, models, seed=11 * count + models)
-    expected = torch.from_numpy(REFERENCE.delta_gram(base, inputs))
-    actual = backend.delta_gram(base, inputs)
-    assert isinstance(actual, np.ndarray) and actual.dtype == np.float64 and actual.shape == (models, models)
-    # off-diagonal terms can cancel: close relative to the norms
-    scale = float(expected.diagonal().max()) if count else 0.0
-    torch.testing.assert_close(torch.from_numpy(actual), expected, rtol=1e-12, atol=1e-12 * scale + 1e-300)
+    own = torch.stack([x.double() for x in inputs]) if models else torch.zeros(0, count, dtype=torch.float64)
+    for given, exact in ((base, None), (None, own @ own.T)):
+        expected = torch.from_numpy(REFERENCE.delta_gram(given, inputs))
+        if exact is not None:
+            torch.testing.assert_close(expected, exact, rtol=1e-12, atol=1e-300)
+        actual = backend.delta_gram(given, inputs)
+        assert isinstance(actual, np.ndarray) and actual.dtype == np.float64 and actual.shape == (models, models)
+        # off-diagonal terms can cancel: close relative to the norms
+        scale = float(expected.diagonal().max()) if count else 0.0
+        torch.testing.assert_close(torch.from_numpy(actual), expected, rtol=1e-12, atol=1e-12 * scale + 1e-300)
 
 
 def check_model_stock_rows(backend, rows, row_length, in_dtype, out_dtype, models=3):

@@ -180,13 +180,15 @@ class CpuBackend(ReferenceBackend):
         return float(result[0]), float(result[1])
 
     def delta_gram(self, base, models) -> np.ndarray:
-        """(K, K) float64 numpy matrix of the deltas' dot products."""
-        if not supported([base, *models]):
+        """(K, K) float64 numpy matrix of the deltas' dot products (the inputs' own without a base)."""
+        arrays = list(models) if base is None else [base, *models]
+        if not supported(arrays):
             return _reference("delta_gram")(self, base, models)
-        inputs = KernelInputs([base, *models])
+        inputs = KernelInputs(arrays)
         count = inputs.count(None, "delta_gram")
         gram = np.zeros((len(models), len(models)), dtype=np.float64)
-        check(self._lib.dtm_delta_gram(inputs.addresses[0], inputs.pointers(1), inputs.code, len(models), count,
+        base_address, first = (None, 0) if base is None else (inputs.addresses[0], 1)
+        check(self._lib.dtm_delta_gram(base_address, inputs.pointers(first), inputs.code, len(models), count,
                                        gram.ctypes.data), "delta_gram")
         return gram
 

@@ -225,11 +225,13 @@ class ReferenceBackend(MethodOps):
         kept = delta if mask is None else torch.where(mask, delta, torch.zeros_like(delta))
         return float(delta.sum()), float(kept.sum())
 
-    def delta_gram(self, base: "torch.Tensor", models: Sequence["torch.Tensor"]) -> "numpy.ndarray":
-        """(models, models) float64 numpy matrix of dot products of the deltas x_i - b."""
+    def delta_gram(self, base: "torch.Tensor | None", models: Sequence["torch.Tensor"]) -> "numpy.ndarray":
+        """(models, models) float64 numpy matrix of dot products of the deltas x_i - b (of the
+        inputs x_i themselves when `base` is None)."""
         import torch
 
-        deltas = torch.stack([(model.float() - base.float()).double() for model in models])
+        deltas = torch.stack([(model.float() if base is None else model.float() - base.float()).double()
+                              for model in models])
         return (deltas @ deltas.T).cpu().numpy()
 
     def abs_delta_key_position(self, base: "torch.Tensor", model: "torch.Tensor", key: int,

@@ -355,13 +355,17 @@ class TritonBackend(ReferenceBackend):
         total, kept = self._run(work)
         return float(total), float(kept)
 
-    def delta_gram(self, base: torch.Tensor, models: Sequence[torch.Tensor]) -> "numpy.ndarray":
-        count = base.numel()
+    def delta_gram(self, base: torch.Tensor | None, models: Sequence[torch.Tensor]) -> "numpy.ndarray":
+        count = (models[0] if base is None else base).numel()
         if count == 0:
             return torch.zeros((len(models), len(models)), dtype=torch.float64).numpy()
 
         def work():
-            staged_base, base_kind, staged, model_kind = self._stage_base_models(base, models, count)
+            if base is None:  # the inputs' own Gram matrix
+                staged, model_kind = self._stage("models", models, count)
+                staged_base, base_kind = None, model_kind
+            else:
+                staged_base, base_kind, staged, model_kind = self._stage_base_models(base, models, count)
             partial = self._row_gram(staged, model_kind, len(models), staged_base, base_kind, count, GRAM_SEGMENT)
             return partial.sum(0).cpu()
 

@@ -22,8 +22,8 @@ def arc_coefficients(cos: float, t: float) -> tuple[float, float]:
     return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
-# what the statistics pass holds per chunk element: a zero chunk in the inputs' dtype (at most fp32)
-GRAM_BYTES_PER_ELEMENT = 4
+# what the statistics pass holds per chunk element: nothing (the Gram matrix is K x K)
+GRAM_BYTES_PER_ELEMENT = 0
 
 
 class GramMethod(MergeMethod):
@@ -42,24 +42,13 @@ def has_base(stream) -> bool:
     return (stream.base_entry if hasattr(stream, "base_entry") else stream.base) is not None
 
 
-def _zeros(backend, count: int, like) -> object:
-    from dtm_fast.merge.backends.native import dtype_name
-
-    dtype = dtype_name(like)
-    zeros = backend.empty(count, dtype if dtype in ("F32", "F16", "BF16") else "F32")
-    backend.linear(zeros, [], [])  # an empty sum: zeros
-    return zeros
-
-
 def input_gram(stream, with_base: bool) -> np.ndarray:
     """(K, K) float64 dot products of the inputs themselves (the base first when `with_base`, then
-    the models), summed over the tensor's chunks: the backend's delta Gram against a zero base."""
-    gram, zeros = None, None
+    the models), summed over the tensor's chunks: the backend's Gram matrix without a base."""
+    gram = None
     for chunk in stream.chunks():
         tensors = ([chunk.base] if with_base else []) + list(chunk.models)
-        if zeros is None:
-            zeros = _zeros(stream.backend, stream.chunk_elements, tensors[0])
-        part = stream.backend.delta_gram(zeros[:chunk.count], tensors)
+        part = stream.backend.delta_gram(None, tensors)
         gram = part if gram is None else gram + part
     return gram
 
