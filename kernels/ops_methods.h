@@ -193,9 +193,7 @@ int sce_squares(const void* base_data, const void* const* models, int dtype, int
                rule_key, tie_stop, start + offset, offset, count);
       for (int64_t m = 0; m < num_models; ++m) {
         const float* row = delta.data() + m * kTile;
-        double sum = 0.0;
-        for (int64_t i = 0; i < count; ++i) sum += double(row[i]) * double(row[i]);  // exact products
-        partial[size_t(tile * num_models + m)] = sum;
+        partial[size_t(tile * num_models + m)] = dot_in_double(row, row, count);
       }
     }
   }

@@ -16,13 +16,9 @@ int masked_l1(const void* base, const void* model, int dtype, int64_t n, const d
     abs_delta_tile(delta, scratch, base, model, dtype, offset, count);
     if (rule.kind == DTM_SPARSIFY_NONE) for (int64_t i = 0; i < count; ++i) keep[i] = ~0u;
     else keep_flags(keep, delta, rule, start + offset, count);
-    double total = 0.0, kept = 0.0;
-    for (int64_t i = 0; i < count; ++i) {
-      total += double(delta[i]);
-      kept += double(float_from_bits(bits_from_float(delta[i]) & keep[i]));
-    }
-    partial[size_t(2 * tile)] = total;
-    partial[size_t(2 * tile + 1)] = kept;
+    for (int64_t i = 0; i < count; ++i) scratch[i] = float_from_bits(bits_from_float(delta[i]) & keep[i]);
+    partial[size_t(2 * tile)] = sum_in_double(delta, count);
+    partial[size_t(2 * tile + 1)] = sum_in_double(scratch, count);
   }
   double total = 0.0, kept = 0.0;
   for (int64_t tile = 0; tile < tiles; ++tile) {
@@ -32,21 +28,6 @@ int masked_l1(const void* base, const void* model, int dtype, int64_t n, const d
   result[0] = total;
   result[1] = kept;
   return 0;
-}
-
-// A dot product in double of `count` fp32 pairs (exact products), summed in kGramLanes interleaved
-// partial sums, combined pairwise: the lanes are independent (a single running sum waits on each
-// add and does not vectorise), and the order is fixed by the code, the same on every instruction set.
-constexpr int64_t kGramLanes = 8;
-
-inline double dot_in_double(const float* __restrict a, const float* __restrict b, int64_t count) {
-  double lanes[kGramLanes] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-  int64_t e = 0;
-  for (; e + kGramLanes <= count; e += kGramLanes)
-    for (int64_t lane = 0; lane < kGramLanes; ++lane) lanes[lane] += double(a[e + lane]) * double(b[e + lane]);
-  double sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-  for (; e < count; ++e) sum += double(a[e]) * double(b[e]);
-  return sum;
 }
 
 // Upper-triangle dot products of the K delta rows of one tile, added to pairs[K*(K+1)/2].
