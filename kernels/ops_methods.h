@@ -129,11 +129,19 @@ inline void sce_tile(float* __restrict delta, float* __restrict base, const void
                      int64_t rule_key, int64_t tie_stop, int64_t index0, int64_t offset, int64_t count) {
   load_tile(base, base_data, dtype, offset, count);
   float keep[kTile];
-  if (variance != nullptr)
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t key = int64_t(order_key(variance[offset + i]));
-      keep[i] = float(key > rule_key || (key == rule_key && index0 + i < tie_stop));
+  if (variance != nullptr && rule_key > int64_t(UINT32_MAX)) {  // a rule above every key keeps nothing
+    for (int64_t i = 0; i < count; ++i) keep[i] = 0.0f;
+  } else if (variance != nullptr) {
+    // 32-bit keys and a tile-local tie stop, combined bitwise: the loop vectorises (as keep_flags')
+    const uint32_t threshold = uint32_t(rule_key < 0 ? 0 : rule_key);
+    const uint32_t all_above = uint32_t(rule_key < 0);  // every key is above a negative rule key
+    const int32_t stop = tile_local(tie_stop, index0, count);
+    for (int32_t i = 0; i < int32_t(count); ++i) {
+      const uint32_t key = order_key(variance[offset + i]);
+      const uint32_t kept = all_above | uint32_t(key > threshold) | (uint32_t(key == threshold) & uint32_t(i < stop));
+      keep[i] = float(kept);
     }
+  }
   for (int64_t m = 0; m < num_models; ++m) {
     float* row = delta + m * kTile;
     load_tile(row, models[m], dtype, offset, count);
