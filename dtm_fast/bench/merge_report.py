@@ -43,6 +43,13 @@ class Series:
         return statistics.median(self.walls_s)
 
     @property
+    def typical_s(self) -> float:
+        """The figure a ratio takes: the median of a tool's runs, but the fastest run of a floor. A
+        floor is the least the machine needs to move the bytes; what its runs take beyond that is
+        the machine's noise (the floors of one run ranged from 0.6 to 4.3 s for the same bytes)."""
+        return min(self.walls_s) if self.tool in ("floor", "floor+fsync") else self.median_s
+
+    @property
     def spread(self) -> float:
         """(max - min) / median of the repetitions."""
         return (max(self.walls_s) - min(self.walls_s)) / self.median_s if len(self.walls_s) > 1 else 0.0
@@ -151,11 +158,11 @@ def rows(measurements: Measurements) -> list[list]:
         floor = by_key.get(("floor", s.method))
         durable = by_key.get(("floor+fsync", s.method))
         table.append([
-            s.method, s.label, f"{s.median_s:.2f}", f"{100 * s.spread:.0f}%", f"{s.io_bytes / s.median_s / 1e9:.2f}",
+            s.method, s.label, f"{s.typical_s:.2f}", f"{100 * s.spread:.0f}%", f"{s.io_bytes / s.typical_s / 1e9:.2f}",
             ui.format_bytes(max(s.peak_rss_bytes)) if s.peak_rss_bytes else "-",
-            _ratio(mergekit.median_s, s.median_s) if mergekit and s.tool != "mergekit" else "-",
-            _ratio(s.median_s, floor.median_s) if floor and s.tool != "floor" else "-",
-            _ratio(s.median_s, durable.median_s) if durable and s.tool not in ("floor", "floor+fsync") else "-",
+            _ratio(mergekit.median_s, s.typical_s) if mergekit and s.tool != "mergekit" else "-",
+            _ratio(s.typical_s, floor.typical_s) if floor and s.tool != "floor" else "-",
+            _ratio(s.median_s, durable.typical_s) if durable and s.tool not in ("floor", "floor+fsync") else "-",
         ])
     order = {"floor": 0, "floor+fsync": 1, "dtm": 2, "mergekit": 3}
     methods = list(merge_runs.BENCH_METHODS)
@@ -166,7 +173,7 @@ def publishing_cost(measurements: Measurements) -> str:
     """What publishing costs against the floor: every merge fsyncs each shard before it publishes
     (a published output survives power loss), so floor+fsync - floor is the part of any merge's
     time that is durability, not merging."""
-    medians = {(s.tool, s.method): s.median_s for s in measurements.series if s.tool in ("floor", "floor+fsync")}
+    medians = {(s.tool, s.method): s.typical_s for s in measurements.series if s.tool in ("floor", "floor+fsync")}
     costs = [(durable - medians[("floor", method)], medians[("floor", method)])
              for (tool, method), durable in medians.items() if tool == "floor+fsync" and ("floor", method) in medians]
     if not costs:
@@ -189,13 +196,13 @@ def _chart(measurements: Measurements, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     methods = [m for m in merge_runs.BENCH_METHODS if any(s.method == m for s in measurements.series)]
-    floors = {s.method: s.median_s for s in measurements.series if s.tool == "floor"}
+    floors = {s.method: s.typical_s for s in measurements.series if s.tool == "floor"}
     labels = sorted({s.label for s in measurements.series if s.tool not in ("floor",)},
                     key=lambda l: (l == "mergekit", l != "floor+fsync", l))
     width = 0.8 / max(1, len(labels))
     figure, axes = plt.subplots(figsize=(max(9, 0.9 * len(methods)), 4.5))
     for index, label in enumerate(labels):
-        values = [next((s.median_s / floors[m] for s in measurements.series if s.label == label and s.method == m), 0.0)
+        values = [next((s.typical_s / floors[m] for s in measurements.series if s.label == label and s.method == m), 0.0)
                   for m in methods]
         axes.bar([i + index * width for i in range(len(methods))], values, width, label=label)
     axes.axhline(1.0, color="black", linewidth=0.8)

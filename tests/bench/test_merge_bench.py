@@ -160,3 +160,17 @@ def test_workdir_inside_the_repository_is_refused(tmp_path):
                               "--output", str(tmp_path), "--quiet"])
     with pytest.raises(DtmError, match="inside the repository"):
         bench_merge.run(args)
+
+
+def test_a_floor_is_its_fastest_repetition_and_a_merge_its_median():
+    """Ratios to the floor take the floor's best run (noise only adds time) and the merge's median."""
+    from dtm_fast.bench.merge_report import COLUMNS, Measurements, Series, rows
+
+    series = [Series("floor", "ties", walls_s=[4.0, 1.0, 2.0], io_bytes=10**9),
+              Series("floor+fsync", "ties", walls_s=[1.5, 3.0, 1.25], io_bytes=10**9),
+              Series("dtm", "ties", "auto", walls_s=[3.0, 5.0, 2.5], peak_rss_bytes=[1], io_bytes=10**9),
+              Series("mergekit", "ties", walls_s=[60.0], peak_rss_bytes=[1], io_bytes=10**9)]
+    table = {row[1]: dict(zip(COLUMNS, row)) for row in rows(Measurements("default", "", 1, 1, 1, series, {}))}
+    assert table["floor"]["wall s"] == "1.00" and table["dtm (auto)"]["wall s"] == "3.00"
+    assert table["dtm (auto)"]["this / floor"] == "3.0x" and table["dtm (auto)"]["this / floor+fsync"] == "2.4x"
+    assert table["dtm (auto)"]["mergekit / this"] == "20.0x"
