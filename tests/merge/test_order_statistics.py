@@ -71,6 +71,27 @@ def test_arcee_fusion_streamed_takes_the_exact_quartiles(arcee_pair, tmp_path, c
     assert 0 < int(kept.sum()) < kept.numel() // 4
 
 
+def test_arcee_fusion_with_more_rows_than_a_chunk_has_elements(tmp_path, caplog):
+    """Rows of two elements, more of them than a chunk holds elements: the rows' divergences do not
+    fit the share the budget gives them, so each pass computes its chunk's again."""
+    generator = torch.Generator().manual_seed(22)
+    shape = (900_000, 2)
+    base = torch.randn(shape, generator=generator)
+    model = base + 0.5 * torch.randn(shape, generator=generator)
+    paths = [write_safetensors(tmp_path / name / "model.safetensors", {"w": tensor}).parent
+             for name, tensor in (("base", base), ("model", model))]
+    merged, chunk = streamed_merge(tmp_path, caplog, "arcee_fusion", paths, {}, 24 * 2**20, "auto")
+    assert chunk < shape[0]  # more rows than a chunk has elements
+    p = torch.softmax(model, dim=-1) + 1e-8
+    q = torch.softmax(base, dim=-1) + 1e-8
+    importance = (model - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    q1, median, q3 = torch.quantile(importance.reshape(-1), torch.tensor([0.25, 0.5, 0.75]),
+                                    interpolation="lower")
+    expected = base + (model - base) * (importance >= median + 1.5 * (q3 - q1)).float()
+    assert torch.equal(merged["w"], expected)
+    assert 0 < int((merged["w"] != base).sum()) < base.numel() // 2
+
+
 def test_sce_select_topk_streamed_equals_the_stable_sort(bf16_big_family, tmp_path, caplog):
     """bf16 deltas: their variances repeat, and the k-th is tied with elements that are not kept."""
     merged, chunk = streamed_merge(tmp_path, caplog, "sce", bf16_big_family, {"select_topk": 0.3}, 20 * 2**20, "auto")
