@@ -42,6 +42,17 @@ def streamed_merge(tmp_path, caplog, method: str, paths, parameters: dict, budge
     return load_state(tmp_path / "out"), chunk
 
 
+def arcee_fusion_definition(base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    """mergekit's definition on the whole tensor, its quartiles exact (torch.quantile's "lower" rule is
+    mergekit's index floor(q * (n - 1)), exact here in fp32)."""
+    p = torch.softmax(model, dim=-1) + 1e-8
+    q = torch.softmax(base, dim=-1) + 1e-8
+    importance = (model - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    q1, median, q3 = torch.quantile(importance.reshape(-1), torch.tensor([0.25, 0.5, 0.75]),
+                                    interpolation="lower")
+    return base + (model - base) * (importance >= median + 1.5 * (q3 - q1)).float()
+
+
 @pytest.fixture(scope="module")
 def arcee_pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("arcee")
@@ -58,15 +69,7 @@ def test_arcee_fusion_streamed_takes_the_exact_quartiles(arcee_pair, tmp_path, c
     merged, chunk = streamed_merge(tmp_path, caplog, "arcee_fusion", arcee_pair, {}, 24 * 2**20, backend)
     base, model = (load_state(p)["w"] for p in arcee_pair)
     assert chunk < base.numel()  # streamed in several chunks
-    # mergekit's definition on the whole tensor, its quartiles exact (torch.quantile's "lower" rule is
-    # mergekit's index floor(q * (n - 1)), exact here in fp32)
-    p = torch.softmax(model, dim=-1) + 1e-8
-    q = torch.softmax(base, dim=-1) + 1e-8
-    importance = (model - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
-    q1, median, q3 = torch.quantile(importance.reshape(-1), torch.tensor([0.25, 0.5, 0.75]),
-                                    interpolation="lower")
-    expected = base + (model - base) * (importance >= median + 1.5 * (q3 - q1)).float()
-    assert torch.equal(merged["w"], expected)
+    assert torch.equal(merged["w"], arcee_fusion_definition(base, model))
     kept = merged["w"] != base
     assert 0 < int(kept.sum()) < kept.numel() // 4
 
@@ -82,13 +85,7 @@ def test_arcee_fusion_with_more_rows_than_a_chunk_has_elements(tmp_path, caplog)
              for name, tensor in (("base", base), ("model", model))]
     merged, chunk = streamed_merge(tmp_path, caplog, "arcee_fusion", paths, {}, 24 * 2**20, "auto")
     assert chunk < shape[0]  # more rows than a chunk has elements
-    p = torch.softmax(model, dim=-1) + 1e-8
-    q = torch.softmax(base, dim=-1) + 1e-8
-    importance = (model - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
-    q1, median, q3 = torch.quantile(importance.reshape(-1), torch.tensor([0.25, 0.5, 0.75]),
-                                    interpolation="lower")
-    expected = base + (model - base) * (importance >= median + 1.5 * (q3 - q1)).float()
-    assert torch.equal(merged["w"], expected)
+    assert torch.equal(merged["w"], arcee_fusion_definition(base, model))
     assert 0 < int((merged["w"] != base).sum()) < base.numel() // 2
 
 
