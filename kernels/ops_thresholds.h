@@ -7,14 +7,18 @@ constexpr int64_t kBins = 1 << 16;
 // Per-thread private bins are 32-bit: a call is split into slices small enough that no bin overflows.
 constexpr int64_t kHistogramSlice = int64_t(1) << 31;
 
-// Keeps the low 16 bits of the keys whose high 16 bits equal `bucket`, without branches (a branch
-// on the bucket mispredicts on every other element); returns how many were kept.
-inline int64_t select_bucket(uint32_t* __restrict selected, const float* __restrict delta, int64_t count,
-                             uint32_t bucket) {
+// Radix-select histograms and tie positions of 32-bit keys, whatever gives them: `keys_of(keys, offset,
+// count)` fills one tile's keys (the |x - b| bit patterns here, a statistic's order keys in
+// ops_order_keys.h), so every such search shares these loops.
+
+// Keeps, in place, the low 16 bits of the keys whose high 16 bits equal `bucket`, without branches
+// (a branch on the bucket mispredicts on every other element); returns how many were kept. Key i is
+// read before slot kept <= i is written.
+inline int64_t select_bucket(uint32_t* keys, int64_t count, uint32_t bucket) {
   int64_t kept = 0;
   for (int64_t i = 0; i < count; ++i) {
-    const uint32_t key = bits_from_float(delta[i]);
-    selected[kept] = key & 0xFFFFu;
+    const uint32_t key = keys[i];
+    keys[kept] = key & 0xFFFFu;
     kept += int64_t((key >> 16) == bucket);
   }
   return kept;
@@ -22,23 +26,22 @@ inline int64_t select_bucket(uint32_t* __restrict selected, const float* __restr
 
 // bucket < 0: `histogram` counts the high 16 bits of every key; bucket >= 0: the low 16 bits of the
 // keys in that bucket.
-void histogram_slice(const void* base, const void* model, int dtype, int64_t begin, int64_t end,
-                     int64_t* histogram, int32_t bucket) {
+template <class TileKeys>
+void histogram_slice(const TileKeys& keys_of, int64_t begin, int64_t end, int64_t* histogram, int32_t bucket) {
   const int64_t first_tile = begin / kTile, tiles = tile_count(end) - first_tile;
 #pragma omp parallel if (tiles >= kMinParallelTiles)
   {
     std::vector<uint32_t> bins(kBins, 0u);
-    float delta[kTile], scratch[kTile];
-    uint32_t selected[kTile];
+    uint32_t keys[kTile];
 #pragma omp for schedule(static)
     for (int64_t tile = first_tile; tile < first_tile + tiles; ++tile) {
       const int64_t offset = tile * kTile, count = end - offset < kTile ? end - offset : kTile;
-      abs_delta_tile(delta, scratch, base, model, dtype, offset, count);
+      keys_of(keys, offset, count);
       if (bucket < 0) {
-        for (int64_t i = 0; i < count; ++i) ++bins[bits_from_float(delta[i]) >> 16];
+        for (int64_t i = 0; i < count; ++i) ++bins[keys[i] >> 16];
       } else {
-        const int64_t kept = select_bucket(selected, delta, count, uint32_t(bucket));
-        for (int64_t i = 0; i < kept; ++i) ++bins[selected[i]];
+        const int64_t kept = select_bucket(keys, count, uint32_t(bucket));
+        for (int64_t i = 0; i < kept; ++i) ++bins[keys[i]];
       }
     }
     // Integer counts: the order in which threads add them does not matter.
@@ -47,12 +50,63 @@ void histogram_slice(const void* base, const void* model, int dtype, int64_t beg
   }
 }
 
+template <class TileKeys>
+void key_histogram(const TileKeys& keys_of, int64_t n, int64_t* histogram, int32_t bucket) {
+  for (int64_t begin = 0; begin < n; begin += kHistogramSlice)
+    histogram_slice(keys_of, begin, n - begin < kHistogramSlice ? n : begin + kHistogramSlice, histogram, bucket);
+}
+
+// count = how many keys equal `wanted`; position = the index of the nth of them (1-based, in element
+// order), or -1 when there are fewer or nth < 1.
+template <class TileKeys>
+void key_position(const TileKeys& keys_of, uint32_t wanted, int64_t nth, int64_t n, int64_t* count,
+                  int64_t* position) {
+  const int64_t tiles = tile_count(n);
+  std::vector<int64_t> per_tile(size_t(tiles), 0);
+#pragma omp parallel for schedule(static) if (tiles >= kMinParallelTiles)
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t offset = tile * kTile, length = n - offset < kTile ? n - offset : kTile;
+    uint32_t keys[kTile];
+    keys_of(keys, offset, length);
+    int64_t found = 0;
+    for (int64_t i = 0; i < length; ++i) found += int64_t(keys[i] == wanted);
+    per_tile[size_t(tile)] = found;
+  }
+  int64_t total = 0;
+  *position = -1;
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    if (*position < 0 && nth > total && nth <= total + per_tile[size_t(tile)]) {
+      const int64_t offset = tile * kTile, length = n - offset < kTile ? n - offset : kTile;
+      uint32_t keys[kTile];
+      keys_of(keys, offset, length);
+      int64_t seen = total;
+      for (int64_t i = 0; i < length; ++i)
+        if (keys[i] == wanted && ++seen == nth) {
+          *position = offset + i;
+          break;
+        }
+    }
+    total += per_tile[size_t(tile)];
+  }
+  *count = total;
+}
+
+// The |x - b| keys of a tile: the fp32 magnitudes' bit patterns.
+struct AbsDeltaKeys {
+  const void* base;
+  const void* model;
+  int dtype;
+  void operator()(uint32_t* keys, int64_t offset, int64_t count) const {
+    float delta[kTile], scratch[kTile];
+    abs_delta_tile(delta, scratch, base, model, dtype, offset, count);
+    for (int64_t i = 0; i < count; ++i) keys[i] = bits_from_float(delta[i]);
+  }
+};
+
 int abs_delta_histogram(const void* base, const void* model, int dtype, int64_t n, int64_t* histogram,
                         int32_t bucket) {
   if (!valid_dtype(dtype) || n < 0 || bucket >= kBins) return DTM_EBADARG;
-  for (int64_t begin = 0; begin < n; begin += kHistogramSlice)
-    histogram_slice(base, model, dtype, begin, n - begin < kHistogramSlice ? n : begin + kHistogramSlice,
-                    histogram, bucket);
+  key_histogram(AbsDeltaKeys{base, model, dtype}, n, histogram, bucket);
   return 0;
 }
 
@@ -138,35 +192,7 @@ int abs_delta_select(const void* base, const void* const* models, int dtype, int
 int abs_delta_key_position(const void* base, const void* model, int dtype, int32_t key, int64_t nth, int64_t n,
                            int64_t* count, int64_t* position) {
   if (!valid_dtype(dtype) || n < 0 || key < 0) return DTM_EBADARG;
-  const int64_t tiles = tile_count(n);
-  std::vector<int64_t> per_tile(size_t(tiles), 0);
-  const uint32_t wanted = uint32_t(key);
-#pragma omp parallel for schedule(static) if (tiles >= kMinParallelTiles)
-  for (int64_t tile = 0; tile < tiles; ++tile) {
-    const int64_t offset = tile * kTile, length = n - offset < kTile ? n - offset : kTile;
-    float delta[kTile], scratch[kTile];
-    abs_delta_tile(delta, scratch, base, model, dtype, offset, length);
-    int64_t found = 0;
-    for (int64_t i = 0; i < length; ++i) found += int64_t(bits_from_float(delta[i]) == wanted);
-    per_tile[size_t(tile)] = found;
-  }
-  int64_t total = 0;
-  *position = -1;
-  for (int64_t tile = 0; tile < tiles; ++tile) {
-    if (*position < 0 && nth > total && nth <= total + per_tile[size_t(tile)]) {
-      const int64_t offset = tile * kTile, length = n - offset < kTile ? n - offset : kTile;
-      float delta[kTile], scratch[kTile];
-      abs_delta_tile(delta, scratch, base, model, dtype, offset, length);
-      int64_t seen = total;
-      for (int64_t i = 0; i < length; ++i)
-        if (bits_from_float(delta[i]) == wanted && ++seen == nth) {
-          *position = offset + i;
-          break;
-        }
-    }
-    total += per_tile[size_t(tile)];
-  }
-  *count = total;
+  key_position(AbsDeltaKeys{base, model, dtype}, uint32_t(key), nth, n, count, position);
   return 0;
 }
 

@@ -59,10 +59,9 @@ def applies(stream, bands: list[Band | None]) -> bool:
     large enough for a sample. A tensor held in one chunk is read once whatever the number of passes
     (its chunk stays in its input slot), and there the exact thresholds from the chunk in memory
     cost less than keeping the undecided elements aside (11-17% of them with tied bf16 deltas)."""
-    first = min(stream.context.numel, stream.chunk_elements)
-    return (not stream.holds_whole_tensor and stream.context.numel > stream.chunk_elements
-            and stream.base_entry is not None and first >= 4 * SAMPLE_ELEMENTS
-            and stream.out_fd is not None and any(b is not None and b.last >= b.first for b in bands))
+    return (not stream.holds_whole_tensor and stream.context.numel > stream.chunk_elements >= 4 * SAMPLE_ELEMENTS
+            and stream.base_entry is not None and stream.out_fd is not None
+            and any(b is not None and b.last >= b.first for b in bands))
 
 
 def provisional(bands: list[Band | None], searches: list[Search]) -> list[Sparsify]:

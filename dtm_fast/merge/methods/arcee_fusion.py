@@ -8,13 +8,13 @@ computed in fp32 as mergekit does.
 Where dtm differs: mergekit takes the quartiles of a random sample of 10^6 elements (drawn with
 replacement, unseeded) when a tensor has more, so its result on such tensors is random; dtm always
 takes the exact quantiles of every element (merge/order_statistics.py), which is mergekit's result
-for tensors of at most 10^6 elements. Streamed: each row's divergence is computed once (a float per row, kept for the tensor), the
-importance |x - b| * divergence per chunk of whole rows in each pass; two radix-select passes find
-the three quartiles, a third pass writes the output."""
+for tensors of at most 10^6 elements. Streamed: each row's divergence is computed once (a float per
+row, kept for the tensor), the importance |x - b| * divergence per chunk of whole rows in each pass;
+two radix-select passes find the three quartiles, a third pass writes the output."""
 
 import numpy as np
 
-from dtm_fast.merge.backends.reference_methods import FUSION_BLOCK_ELEMENTS
+from dtm_fast.merge.backends.reference_methods import FUSION_BLOCK_ELEMENTS, FUSION_BLOCK_TEMPORARIES
 from dtm_fast.merge.methods.base import MergeMethod
 from dtm_fast.merge.order_statistics import Statistic, ascending_values
 
@@ -55,8 +55,6 @@ class ArceeFusion(MergeMethod):
         # the fp32 importance of a chunk, its rows' divergences (at most one per element) and the
         # softmaxes' temporaries on blocks of at most a quarter chunk; the reference backend's other
         # torch temporaries are in its own workspace
-        from dtm_fast.merge.backends.reference_methods import FUSION_BLOCK_TEMPORARIES
-
         return 4 + 4 + 4 * FUSION_BLOCK_TEMPORARIES / SOFTMAX_BLOCKS_PER_CHUNK
 
     def merge(self, params, stream):
