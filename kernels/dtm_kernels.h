@@ -7,7 +7,7 @@
 #include "ops_list.h"
 
 // Bump whenever a signature or struct changes; native.py refuses any other version.
-#define DTM_KERNELS_ABI_VERSION 7
+#define DTM_KERNELS_ABI_VERSION 8
 
 #define DTM_F32 0
 #define DTM_F16 1

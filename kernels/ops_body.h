@@ -29,6 +29,7 @@ namespace {
 #include "ops_rows.h"  // uses the Gram tiles of ops_statistics.h
 #include "ops_thresholds.h"
 #include "ops_order_keys.h"  // uses the key loops of ops_thresholds.h
+#include "ops_magprune.h"
 
 }  // namespace
 

@@ -75,11 +75,21 @@
                           int64_t n, const int32_t* key_low, const int32_t* key_high, int64_t* above,            \
                           int64_t* in_range, int64_t* positions, int64_t capacity, int64_t* undecided),          \
     (base, models, dtype, num_searches, n, key_low, key_high, above, in_range, positions, capacity, undecided))  \
+  /* DELLA's MagPrune: out = kept ? (x - b) * scale : 0, by magnitude rank within each row */              \
   X(della_deltas, (void* out, int out_dtype, const void* base, const void* model, int dtype, int64_t row_length, \
                    double density, double epsilon, uint32_t key_low, uint32_t key_high, float scale,            \
                    int64_t start, int64_t n, double* total_l1, double* kept_l1),                                 \
     (out, out_dtype, base, model, dtype, row_length, density, epsilon, key_low, key_high, scale, start, n,      \
      total_l1, kept_l1))                                                                                         \
+  /* DELLA's keep decisions as bits (element i: bit i % 8 of keep_bits[i / 8]), with the same L1 sums */     \
+  X(della_keep_bits, (uint8_t* keep_bits, const void* base, const void* model, int dtype, int64_t row_length,     \
+                      double density, double epsilon, uint32_t key_low, uint32_t key_high, int64_t start,        \
+                      int64_t n, double* total_l1, double* kept_l1),                                              \
+    (keep_bits, base, model, dtype, row_length, density, epsilon, key_low, key_high, start, n, total_l1, kept_l1)) \
+  /* out = kept ? (x - b) * scale : 0, kept as della_keep_bits decided */                                        \
+  X(della_apply, (void* out, int out_dtype, const void* base, const void* model, int dtype,                       \
+                  const uint8_t* keep_bits, float scale, int64_t n),                                             \
+    (out, out_dtype, base, model, dtype, keep_bits, scale, n))                                                   \
   /* nearswap: w = clamp(t / max(|b - x|, 1e-6), 0, 1); out = w x + (1 - w) b */                              \
   X(nearswap, (void* out, int out_dtype, const void* base, const void* model, int dtype, float t, int64_t n),    \
     (out, out_dtype, base, model, dtype, t, n))                                                                  \

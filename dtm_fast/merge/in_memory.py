@@ -32,6 +32,9 @@ class WholeTensorStream:
     def models(self) -> list["torch.Tensor"]:
         return self.model_tensors
 
+    def ranges(self) -> list[tuple[int, int]]:
+        return [(0, self.context.numel)]
+
     def chunks(self, write: bool = False) -> Iterator[Chunk]:
         yield Chunk(0, self.context.numel, self.base, self.model_tensors, self.fisher_tensors,
                     out=self.out if write else None)

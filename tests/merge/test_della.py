@@ -52,6 +52,61 @@ def test_native_magprune_equals_the_reference(cpu_backend, dtype, rows, row_leng
     assert "della_deltas" in cpu_backend.accelerated
 
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,row_length", [(1, 1), (3, 7), (67, 509), (40, 2049)])
+def test_native_keep_bits_and_their_apply_equal_the_reference(cpu_backend, dtype, rows, row_length):
+    """The keep decisions as bits (rows of odd lengths end inside a byte; the threads take eight rows
+    at a time, so their bytes never overlap) and the combine that applies them: the reference's bits,
+    the unused bits of the last byte clear, and della_deltas' values."""
+    from dtm_fast.merge.magprune import packed_size, unpack_bits
+
+    generator = torch.Generator().manual_seed(rows + row_length)
+    base = torch.randn(rows * row_length, generator=generator).to(dtype)
+    model = (base.float() + 0.01 * torch.randn(base.shape, generator=generator)).to(dtype)
+    key = rng.philox_key(4, "layers.2.mlp.down_proj.weight", 0)
+    start = 3 * rows * row_length  # a later chunk of the tensor
+    expected = torch.empty(packed_size(base.numel()), dtype=torch.uint8)
+    actual = torch.full_like(expected, 0xA5)
+    sums = REFERENCE.della_keep_bits(expected, base, model, row_length, 0.4, 0.15, *key, start)
+    native_sums = cpu_backend.della_keep_bits(actual, base, model, row_length, 0.4, 0.15, *key, start)
+    assert torch.equal(actual, expected)
+    assert native_sums == pytest.approx(sums, rel=1e-12)
+    pruned = torch.empty(base.numel(), dtype=torch.float32)
+    REFERENCE.della_deltas(pruned, base, model, row_length, 0.4, 0.15, *key, 1.3, start)
+    nonzero = model.float() != base.float()  # a kept zero delta is zero too
+    assert torch.equal(unpack_bits(expected, base.numel())[nonzero], (pruned != 0)[nonzero])
+    assert int(expected[-1]) >> (base.numel() - 8 * (expected.numel() - 1)) == 0  # the unused bits
+    for backend in (REFERENCE, cpu_backend):
+        for out_dtype in (torch.float32, dtype):
+            applied = torch.full((base.numel(),), 7.0, dtype=out_dtype)
+            backend.della_apply(applied, base, model, expected, 1.3)
+            assert torch.equal(applied.view(torch.uint8), pruned.to(out_dtype).view(torch.uint8))
+    assert {"della_keep_bits", "della_apply"} <= cpu_backend.accelerated
+
+def test_native_magprune_ranks_rows_of_few_and_of_many_distinct_magnitudes(cpu_backend):
+    """The kernel ranks a row through its distinct magnitudes when it has at most a quarter as many
+    as elements (100 for rows of 400) and sorts it whole otherwise, then sorts the next rows without
+    trying: rows on both sides of that bound, in an order that crosses the skipped rows, must rank
+    as the reference's stable argsort does."""
+    row_length = 400
+    generator = torch.Generator().manual_seed(5)
+    distinct_per_row = [400, 100, 101, 1, 99, 100, 2, 400, 3] + [100, 101, 50, 400, 7] * 5
+    rows = []
+    for distinct in distinct_per_row:
+        magnitudes = (torch.randperm(row_length, generator=generator) % distinct + 1).float() * 0.375
+        signs = torch.where(torch.rand(row_length, generator=generator) < 0.5, -1.0, 1.0)
+        rows.append(magnitudes * signs)
+    model = torch.cat(rows)
+    base = torch.zeros_like(model)
+    key = rng.philox_key(9, "layers.1.self_attn.q_proj.weight", 2)
+    expected, actual = torch.empty_like(model), torch.full_like(model, 7.0)
+    sums = REFERENCE.della_deltas(expected, base, model, row_length, 0.5, 0.2, *key, 1.0, 12345)
+    native_sums = cpu_backend.della_deltas(actual, base, model, row_length, 0.5, 0.2, *key, 1.0, 12345)
+    assert torch.equal(actual.view(torch.uint8), expected.view(torch.uint8))
+    assert native_sums == pytest.approx(sums, rel=1e-12)
+
 def test_kept_fraction_rises_with_the_magnitude_rank():
     row_length = 20_000
     generator = torch.Generator().manual_seed(0)
@@ -109,41 +164,53 @@ def large_family(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", ["della", "della_linear"])
-def test_a_one_chunk_tensor_is_pruned_once_with_the_bits_of_pruning_twice(large_family, tmp_path, monkeypatch, method,
-                                                                          cpu_backend):
-    """With L1 rescale a streamed tensor is pruned in the sums pass and again in the combine; a tensor
-    of one chunk keeps its pruned deltas and only scales them, which must give the same bits."""
+def test_every_way_of_carrying_the_pruning_between_passes_gives_the_same_bits(large_family, tmp_path, monkeypatch,
+                                                                             method, cpu_backend):
+    """With L1 rescale the sums pass prunes every model, then the combine needs the same pruned
+    deltas: a tensor of one chunk keeps them in memory and only scales them, one of a few chunks keeps
+    its keep bits and applies them, a larger one is pruned again. All three must give the same bits,
+    each through the path its size calls for."""
     from dtm_fast.merge.backends.cpu import CpuBackend
     from dtm_fast.merge.engine import run_merge
+    from dtm_fast.merge.methods import della
 
-    calls = []
+    calls: dict[str, list[int]] = {"della_deltas": [], "della_keep_bits": [], "della_apply": []}
     original_init = CpuBackend.__init__
 
     def counting_init(self):
         original_init(self)
-        native = self.della_deltas  # bound per instance
+        for name, counted_calls in calls.items():
+            native = getattr(self, name)  # bound per instance
 
-        def counted(*args):
-            calls.append(args[0].numel())
-            return native(*args)
+            def counted(*args, native=native, counted_calls=counted_calls):
+                counted_calls.append(args[0].numel())
+                return native(*args)
 
-        self.della_deltas = counted
+            setattr(self, name, counted)
 
     monkeypatch.setattr(CpuBackend, "__init__", counting_init)
     per_model = [{"density": 0.5, "epsilon": 0.1}, {"density": 0.3, "epsilon": 0.2}, {"density": 0.7, "epsilon": 0.15}]
+    numel = LARGE_SHAPE[0] * LARGE_SHAPE[1]
     outputs = {}
-    for max_memory in (64 * 2**20, 2**30):
-        calls.clear()
+    for case, max_memory, keep_bits_chunks in (("one chunk", 2**30, 16), ("keep bits", 64 * 2**20, 16),
+                                                ("pruned again", 64 * 2**20, 1)):
+        monkeypatch.setattr(della, "KEEP_BITS_CHUNKS", keep_bits_chunks)
+        for counted_calls in calls.values():
+            counted_calls.clear()
         run_merge(MergeConfig(method=method, models=tuple(ModelInput(p, d) for p, d in zip(large_family[1:], per_model)),
-                              output=tmp_path / str(max_memory), base=large_family[0], backend="cpu",
-                              max_memory=max_memory))
-        outputs[max_memory] = load_state(tmp_path / str(max_memory))["w"]
-        numel = LARGE_SHAPE[0] * LARGE_SHAPE[1]
-        if max_memory == 2**30:
-            assert calls == [numel] * 3  # one pruning of each model
+                              output=tmp_path / case, base=large_family[0], backend="cpu", max_memory=max_memory))
+        outputs[case] = load_state(tmp_path / case)["w"]
+        pruned, bits, applied = (calls[name] for name in ("della_deltas", "della_keep_bits", "della_apply"))
+        if case == "one chunk":
+            assert pruned == [numel] * 3 and not bits and not applied  # one pruning of each model
+        elif case == "keep bits":
+            chunks = len(applied) // 3
+            assert chunks > 1 and not pruned and len(bits) == 3 * chunks and sum(applied) == 3 * numel
+            assert sum(bits) == sum((size + 7) // 8 for size in applied)  # bytes of bits for every element
         else:
-            assert len(calls) > 2 * 3 and sum(calls) == 2 * 3 * numel  # several chunks, each pruned twice
-    assert torch.equal(outputs[64 * 2**20].view(torch.int16), outputs[2**30].view(torch.int16))
+            assert len(pruned) > 2 * 3 and sum(pruned) == 2 * 3 * numel and not bits  # each chunk pruned twice
+    for case in ("keep bits", "pruned again"):
+        assert torch.equal(outputs[case].view(torch.int16), outputs["one chunk"].view(torch.int16)), case
 
 
 def test_epsilon_that_leaves_the_unit_interval_is_refused(family, tmp_path, capsys):

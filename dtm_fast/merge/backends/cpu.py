@@ -25,6 +25,7 @@ from dtm_fast.merge.backends.native import (  # noqa: F401 - the library's state
 from dtm_fast.merge.backends.reference import ReferenceBackend
 from dtm_fast.merge.host_array import HostArray
 from dtm_fast.merge.magnitude import BINS
+from dtm_fast.merge.magprune import packed_size
 from dtm_fast.merge.specs import GtaSpec, Sparsify
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,33 @@ class CpuBackend(ReferenceBackend):
         check(self._lib.dtm_fusion_importance(target.address, target.code, inputs.addresses[0], inputs.addresses[1],
                                               inputs.code, native.address(divergence), row_length, count),
               "fusion_importance")
+        target.finish()
+
+    def della_keep_bits(self, keep_bits, base, model, row_length: int, density: float, epsilon: float,
+                        key_low: int, key_high: int, start: int) -> tuple[float, float]:
+        if not supported([base, model]) or native.dtype_name(keep_bits) != "U8":
+            return _reference("della_keep_bits")(self, keep_bits, base, model, row_length, density, epsilon,
+                                                 key_low, key_high, start)
+        inputs = KernelInputs([base, model])
+        count = inputs.count(None, "della_keep_bits")
+        if keep_bits.numel() != packed_size(count):
+            raise ValueError(f"della_keep_bits: {keep_bits.numel()} bytes of bits for {count} elements")
+        total, kept = ctypes.c_double(), ctypes.c_double()
+        check(self._lib.dtm_della_keep_bits(native.address(keep_bits), inputs.addresses[0], inputs.addresses[1],
+                                            inputs.code, row_length, density, epsilon, key_low, key_high, start,
+                                            count, ctypes.byref(total), ctypes.byref(kept)), "della_keep_bits")
+        return total.value, kept.value
+
+    def della_apply(self, out, base, model, keep_bits, scale: float) -> None:
+        if not supported([out, base, model]) or native.dtype_name(keep_bits) != "U8":
+            return _reference("della_apply")(self, out, base, model, keep_bits, scale)
+        inputs = KernelInputs([base, model])
+        count = inputs.count(out, "della_apply")
+        if keep_bits.numel() != packed_size(count):
+            raise ValueError(f"della_apply: {keep_bits.numel()} bytes of bits for {count} elements")
+        target = KernelOutput(out)
+        check(self._lib.dtm_della_apply(target.address, target.code, inputs.addresses[0], inputs.addresses[1],
+                                        inputs.code, native.address(keep_bits), scale, count), "della_apply")
         target.finish()
 
     def order_key_histogram(self, values, histogram, bucket) -> None:

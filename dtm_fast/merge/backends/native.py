@@ -34,7 +34,7 @@ from dtm_fast.merge.host_array import HostArray
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 7  # must equal DTM_KERNELS_ABI_VERSION in kernels/dtm_kernels.h
+ABI_VERSION = 8  # must equal DTM_KERNELS_ABI_VERSION in kernels/dtm_kernels.h
 LIBRARY_NAME = "libdtm_kernels.so"
 ENV_PATH = "DTM_FAST_KERNELS"
 DTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2}  # safetensors tag -> the kernels' DTM_F32 / DTM_F16 / DTM_BF16
@@ -60,7 +60,7 @@ SCALAR_TYPES: dict[str, Any] = {
     "int": ctypes.c_int, "int32_t": ctypes.c_int32, "uint32_t": ctypes.c_uint32, "int64_t": ctypes.c_int64,
     "float": ctypes.c_float, "double": ctypes.c_double,
 }
-POINTER_TYPES = ("void*", "const void*", "uint8_t*", "const void* const*", "uint32_t* const*", "const float*",
+POINTER_TYPES = ("void*", "const void*", "uint8_t*", "const uint8_t*", "const void* const*", "uint32_t* const*", "const float*",
                  "const double*", "const int32_t*", "const int64_t*", "int64_t*", "double*", "const dtm_sparsify*")
 
 

@@ -132,32 +132,6 @@ class ReferenceBackend(MethodOps):
         coef_a, coef_b = slerp_coefficients(a.double(), b.double(), t)
         out.copy_((a * coef_a.float().unsqueeze(1) + b * coef_b.float().unsqueeze(1)).reshape(-1))
 
-    def della_deltas(self, out: "torch.Tensor", base: "torch.Tensor", model: "torch.Tensor", row_length: int,
-                     density: float, epsilon: float, key_low: int, key_high: int, scale: float,
-                     start: int) -> tuple[float, float]:
-        """DELLA's MagPrune: within each row, the delta of ascending magnitude rank r (0-based, ties
-        by position) is kept with probability p = (density - epsilon) + r / (row_length - 1) * 2 *
-        epsilon, decided by the Philox draw of its flat index (DARE's generator, per-element
-        threshold round(p * 2^24)); out = kept ? delta * scale : 0. Returns (sum |delta|, sum |delta|
-        over kept elements), in double."""
-        import torch
-
-        from dtm_fast.merge import rng
-        from dtm_fast.merge.magnitude import magnitude_keys
-
-        delta = model.float() - base.float()
-        rows = delta.reshape(-1, row_length)  # (rows, row_length)
-        order = torch.argsort(magnitude_keys(rows), dim=1, stable=True)
-        ranks = torch.empty_like(order)
-        ranks.scatter_(1, order, torch.arange(row_length).expand_as(order).contiguous())
-        rank_norm = ranks.double() / (row_length - 1) if row_length > 1 else torch.zeros_like(ranks, dtype=torch.float64)
-        probability = (density - epsilon) + rank_norm * 2.0 * epsilon
-        threshold = torch.floor(probability * 16777216.0 + 0.5).clamp(0, 16777216).to(torch.int64).reshape(-1)
-        keep = rng.keep_mask((key_low, key_high), start, delta.numel(), threshold)
-        out.copy_(torch.where(keep, delta * scale, torch.zeros_like(delta)))
-        magnitude = delta.abs().double()
-        return float(magnitude.sum()), float(magnitude[keep].sum())
-
     def empty(self, count: int, dtype: str):
         """A scratch chunk of `count` elements of safetensors dtype `dtype`, as this backend computes on."""
         import numpy

@@ -1,5 +1,5 @@
-"""Reference chunk operations of the methods added for mergekit parity (nearswap, RAM / RAM+, SCE,
-arcee_fusion, per-row nuslerp) and of the order statistics some of them need: plain torch, fp32
+"""Reference chunk operations of the methods added for mergekit parity (DELLA, nearswap, RAM / RAM+,
+SCE, arcee_fusion, per-row nuslerp) and of the order statistics some of them need: plain torch, fp32
 in mergekit's order of operations, so that on fp32 inputs they give mergekit's values bit for bit
 (per-row softmaxes and norms are torch's row reductions on a chunk's rows, as on mergekit's whole
 matrix). A base class of ReferenceBackend (reference.py), kept apart by concept; the cpu backend runs
@@ -26,6 +26,42 @@ NUSLERP_COLINEAR_EPS = 1e-8
 
 
 class MethodOps:
+    def della_deltas(self, out: "torch.Tensor", base: "torch.Tensor", model: "torch.Tensor", row_length: int,
+                     density: float, epsilon: float, key_low: int, key_high: int, scale: float,
+                     start: int) -> tuple[float, float]:
+        """DELLA's MagPrune (magprune.magprune_keep decides what each row keeps): out = kept ? delta
+        * scale : 0. Returns (sum |delta|, sum |delta| over kept elements), in double."""
+        import torch
+
+        from dtm_fast.merge.magprune import l1_sums, magprune_keep
+
+        delta, keep = magprune_keep(base, model, row_length, density, epsilon, key_low, key_high, start)
+        out.copy_(torch.where(keep, delta * scale, torch.zeros_like(delta)))
+        return l1_sums(delta, keep)
+
+    def della_keep_bits(self, keep_bits: "torch.Tensor", base: "torch.Tensor", model: "torch.Tensor",
+                        row_length: int, density: float, epsilon: float, key_low: int, key_high: int,
+                        start: int) -> tuple[float, float]:
+        """della_deltas' keep decisions instead of its values: element i is kept iff bit i % 8 of
+        keep_bits[i // 8] (uint8, ceil(n / 8) bytes, the last one's unused bits 0) is set. Returns the
+        same sums."""
+        from dtm_fast.merge.magprune import l1_sums, magprune_keep, pack_bits
+
+        delta, keep = magprune_keep(base, model, row_length, density, epsilon, key_low, key_high, start)
+        keep_bits.copy_(pack_bits(keep))
+        return l1_sums(delta, keep)
+
+    def della_apply(self, out: "torch.Tensor", base: "torch.Tensor", model: "torch.Tensor",
+                    keep_bits: "torch.Tensor", scale: float) -> None:
+        """out = kept ? (x - b) * scale : 0, kept as della_keep_bits decided: della_deltas' values."""
+        import torch
+
+        from dtm_fast.merge.magprune import unpack_bits
+
+        delta = model.float() - base.float()
+        keep = unpack_bits(keep_bits, delta.numel())
+        out.copy_(torch.where(keep, delta * scale, torch.zeros_like(delta)))
+
     def nearswap(self, out: "torch.Tensor", base: "torch.Tensor", model: "torch.Tensor", t: float) -> None:
         """w = clamp(t / max(|b - x|, 1e-6), 0, 1); out = w x + (1 - w) b."""
         a, b = base.float(), model.float()

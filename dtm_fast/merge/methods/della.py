@@ -5,8 +5,11 @@ rescaled so its L1 norm is the unpruned one's (`rescale`), then merged like TIES
 election, normalised) or summed (della_linear). The random draws are DARE's counter-based Philox
 stream keyed by (seed, tensor, model), so the masks are the same on every backend and chunking;
 mergekit draws with torch.bernoulli, so the two agree in distribution, not element by element.
-Passes: with L1 rescale, one to prune and sum, then the combine, which prunes again unless the
-tensor was one chunk (its pruned deltas are still in memory and only get scaled); without, one."""
+Passes: with L1 rescale, one to prune and sum, then the combine. A tensor of one chunk keeps its
+pruned deltas in memory, which the combine only scales; one of up to KEEP_BITS_CHUNKS chunks keeps
+its keep decisions, one bit per element and model, which the combine applies instead of ranking
+every row again (the budget holds them: statistics_bytes_per_element); a larger one is pruned again.
+Without rescale, one pass."""
 
 from __future__ import annotations
 
@@ -14,10 +17,15 @@ from typing import ClassVar
 
 from dtm_fast.errors import DtmError
 from dtm_fast.merge import rng
+from dtm_fast.merge.magprune import packed_size
 from dtm_fast.merge.methods.base import MergeMethod, Param, TensorParams, in_open_closed_unit
 from dtm_fast.merge.specs import GtaSpec, Sparsify
 
 L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor tolerance
+# Tensors of up to this many chunks keep their keep decisions between the passes: 16 chunks' bits
+# cost each model 2 bytes per chunk element of the budget (an eighth of its fp32 deltas buffer),
+# and cover the embeddings of the default bench preset (65.5M elements at a 512 MiB budget)
+KEEP_BITS_CHUNKS = 16
 RESCALE_CHOICES = ("l1", "none")
 
 
@@ -55,7 +63,8 @@ class Della(MergeMethod):
         return params["rescale"] == "l1" and any(d < 1 for d in params.model("density"))
 
     def statistics_bytes_per_element(self, num_models: int) -> float:
-        return 4 * (num_models + 3)  # fp32 pruned deltas of every model, zeros, the base widened, the mix
+        # fp32 pruned deltas of every model, zeros, the base widened, the mix; every model's keep bits
+        return 4 * (num_models + 3) + num_models * KEEP_BITS_CHUNKS / 8
 
     def merge(self, params, stream):
         backend, context = stream.backend, stream.context
@@ -67,19 +76,32 @@ class Della(MergeMethod):
         size = stream.chunk_elements
         deltas = [backend.scratch(f"della.deltas.{index}", size, "F32") for index in range(count)]
         scales = [1.0] * count
+        ranges = stream.ranges()
         pruned_once = False  # the statistics pass left every pruned delta of the tensor in `deltas`
+        keep_bits: list | None = None  # or each model's keep decisions, a byte-aligned segment per chunk
+        segments: dict[int, tuple[int, int]] = {}
         if self.has_statistics_pass(params):
+            pruned_once = len(ranges) == 1
+            if not pruned_once and stream.context.numel <= KEEP_BITS_CHUNKS * stream.chunk_elements:
+                offset = 0
+                for start, stop in ranges:
+                    segments[start] = (offset, offset + packed_size(stop - start))
+                    offset = segments[start][1]
+                keep_bits = [backend.scratch(f"della.keep_bits.{index}", offset, "U8") for index in range(count)]
             sums = [[0.0, 0.0] for _ in range(count)]
-            chunks = 0
             for chunk in stream.chunks():
-                chunks += 1
                 for index, model in enumerate(chunk.models):
-                    total, kept = backend.della_deltas(deltas[index][:chunk.count], chunk.base, model, row_length,
-                                                       *pruning[index], *keys[index], 1.0, chunk.start)
+                    if keep_bits is not None:
+                        first, stop = segments[chunk.start]
+                        total, kept = backend.della_keep_bits(keep_bits[index][first:stop], chunk.base, model,
+                                                              row_length, *pruning[index], *keys[index], chunk.start)
+                    else:
+                        total, kept = backend.della_deltas(deltas[index][:chunk.count], chunk.base, model,
+                                                           row_length, *pruning[index], *keys[index], 1.0,
+                                                           chunk.start)
                     sums[index][0] += total
                     sums[index][1] += kept
             scales = [total / kept if total >= L1_EPS and kept >= L1_EPS else 1.0 for total, kept in sums]
-            pruned_once = chunks == 1
         spec = GtaSpec(tuple(float(w) for w in params.model("weight")), (Sparsify(),) * count, self.consensus,
                        bool(params["normalize"]), float(params["lambda"]))
         zeros, base32, mixed = (backend.scratch(f"della.{name}", size, "F32") for name in ("zeros", "base32", "mixed"))
@@ -92,6 +114,9 @@ class Della(MergeMethod):
                     # kept ? (delta * 1) * scale : +0, the very fp32 products della_deltas would write
                     # (and a kept -0 turning +0 cannot reach the output, whose sum starts from +0)
                     backend.linear(pruned[index], [pruned[index]], [scales[index]])
+                elif keep_bits is not None:
+                    first, stop = segments[chunk.start]
+                    backend.della_apply(pruned[index], chunk.base, model, keep_bits[index][first:stop], scales[index])
                 else:
                     backend.della_deltas(pruned[index], chunk.base, model, row_length, *pruning[index],
                                          *keys[index], scales[index], chunk.start)
