@@ -14,6 +14,7 @@ import argparse
 import time
 
 MODELS = 4
+ROW_LENGTH = 2048  # DELLA ranks within rows of this length (one row when --elements is no multiple)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +58,8 @@ def operations(count: int):
     brackets = [(int(k * 0.98), int(k * 1.02)) for k in medians]
     collected = [np.empty(count // 4, dtype=np.uint32) for _ in models]
     histogram = torch.zeros(1 << 16, dtype=torch.int64)
+    magprune = (ROW_LENGTH if count % ROW_LENGTH == 0 else count, 0.5, 0.1, *rng.philox_key(0, "w", 0))
+    keep_bits = torch.empty((count + 7) // 8, dtype=torch.uint8)
     return out, {
         "linear": (lambda b: b.linear(out, models, [1 / MODELS] * MODELS), MODELS + 1, True),
         "task_arithmetic": (lambda b: b.gta(out, base, models, task, 0), MODELS + 2, True),
@@ -65,6 +68,8 @@ def operations(count: int):
         "histogram (1 model)": (lambda b: b.abs_delta_histogram(base, models[0], histogram, None), 2, False),
         f"select ({MODELS} models)": (lambda b: b.abs_delta_select(base, models, brackets, collected), MODELS + 1,
                                       False),
+        "della prune (1 model)": (lambda b: b.della_deltas(out, base, models[0], *magprune, 1.0, 0), 3, True),
+        "della keep bits (1)": (lambda b: b.della_keep_bits(keep_bits, base, models[0], *magprune, 0), 2, False),
     }
 
 

@@ -88,14 +88,15 @@ class Statistic:
         ((_, values),) = self.chunks()
         return order_keys(values)
 
-    def histogram(self) -> tuple[np.ndarray, int]:
+    def histogram(self, count_zeros: bool = True) -> tuple[np.ndarray, int]:
         """Pass 1 of a radix select: the histogram of the keys' high 16 bits, and how many values are
-        exactly zero."""
+        exactly zero (0 unless `count_zeros`: counting them reads the values once more)."""
         backend = self.stream.backend
         high, zeros = new_histogram(), 0
         for _, values in self.chunks():
             backend.order_key_histogram(values, high, None)
-            zeros += backend.order_key_position(values, ZERO_KEY, 0)[0]
+            if count_zeros:
+                zeros += backend.order_key_position(values, ZERO_KEY, 0)[0]
         return high, zeros
 
     def keys_at(self, ranks: list[int], high: np.ndarray) -> dict[int, RankedKey]:
@@ -131,7 +132,7 @@ def ascending_values(statistic: Statistic, positions: list[int]) -> list[np.floa
 
         ordered = torch.sort(statistic.whole_keys()).values
         return [key_value(int(ordered[position])) for position in positions]
-    high, _ = statistic.histogram()
+    high, _ = statistic.histogram(count_zeros=False)
     found = statistic.keys_at(sorted({numel - p for p in positions}), high)  # descending rank n - position
     return [key_value(found[numel - position].key) for position in positions]
 

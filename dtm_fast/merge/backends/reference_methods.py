@@ -128,12 +128,19 @@ class MethodOps:
         x_rows = model.reshape(-1, row_length)
         b_rows = base.reshape(-1, row_length)
         block = max(1, block_elements // row_length)
+        # the block's temporaries are taken once and reused: in-place operations give the same
+        # values as the expressions they replace (p / q into q, then log, then times p)
+        shape = (min(block, x_rows.shape[0]), row_length)
+        x, b, p, q = (torch.empty(shape, dtype=torch.float32, device=out.device) for _ in range(4))
         for first in range(0, x_rows.shape[0], block):
-            x = x_rows[first:first + block].float()
-            b = b_rows[first:first + block].float()
-            p = torch.softmax(x, dim=-1) + FUSION_EPS
-            q = torch.softmax(b, dim=-1) + FUSION_EPS
-            out[first:first + block] = torch.sum(p * torch.log(p / q), dim=-1)
+            rows = min(block, x_rows.shape[0] - first)
+            x_block, b_block, p_block, q_block = x[:rows], b[:rows], p[:rows], q[:rows]
+            x_block.copy_(x_rows[first:first + rows])
+            b_block.copy_(b_rows[first:first + rows])
+            torch.softmax(x_block, dim=-1, out=p_block).add_(FUSION_EPS)
+            torch.softmax(b_block, dim=-1, out=q_block).add_(FUSION_EPS)
+            torch.div(p_block, q_block, out=q_block).log_().mul_(p_block)
+            torch.sum(q_block, dim=-1, out=out[first:first + rows])
 
     def fusion_importance(self, out: "torch.Tensor", base: "torch.Tensor", model: "torch.Tensor",
                           divergence: "torch.Tensor", row_length: int) -> None:
