@@ -36,10 +36,10 @@ inline void sort_by_key(std::vector<uint64_t>& order, std::vector<uint64_t>& scr
 
 // Each element's rank in ascending (key, position) order, for rows with few distinct keys: every
 // distinct key is counted in a small open-addressing table, only the distinct keys are sorted, and
-// an element's rank is its key's first rank plus the number of equal keys before it. The deltas of bf16 and fp16
-// models take few values (differences of 8- or 11-bit mantissas: a few hundred per row of
-// thousands), so this skips sorting the row, ~3x the cost. A row with more distinct keys than the
-// table was sized for is refused (returns false) and sorted whole instead.
+// an element's rank is its key's first rank plus the number of equal keys before it. The deltas of
+// bf16 and fp16 models take few values (differences of 8- or 11-bit mantissas: a few hundred per
+// row of thousands), so this skips sorting the row, ~3x the cost. A row with more distinct keys
+// than the table was sized for is refused (returns false) and sorted whole instead.
 class DistinctKeyRanks {
  public:
   DistinctKeyRanks(size_t row_length, size_t max_distinct)
@@ -113,8 +113,8 @@ inline float kept_or_zero(float value, uint8_t keep) {
 // ascending magnitude rank r (ties by position) is kept with probability p = (density - epsilon) +
 // r / (row_length - 1) * 2 * epsilon, by the Philox draw of its flat index (start + offset). Each
 // row's deltas and keep flags go to `sink(offset, delta, keep, length, scratch)` (scratch: a row of
-// floats the sink may overwrite); sum |delta| and the sum
-// over kept deltas, per row in double (in interleaved lanes) and rows in order, to the totals.
+// floats the sink may overwrite); sum |delta| and the sum over kept deltas, per row in double (in
+// interleaved lanes) and rows in order, to the totals.
 // Rows are handed to threads eight at a time, so that a group's elements fill whole bytes of a
 // bit array indexed by element.
 template <typename RowSink>
@@ -230,16 +230,14 @@ int della_keep_bits(uint8_t* keep_bits, const void* base_data, const void* model
   memset(keep_bits, 0, size_t((n + 7) / 8));
   return magprune_rows(base_data, model, dtype, row_length, density, epsilon, key_low, key_high, start, n, total_l1,
                        kept_l1, [&](int64_t offset, const float*, const uint8_t* keep, size_t length, float*) {
+                         const uint64_t first = uint64_t(offset);
+                         const auto set_bit = [&](size_t i) {
+                           keep_bits[(first + i) >> 3] |= uint8_t(keep[i] << ((first + i) & 7));
+                         };
                          size_t i = 0;
-                         for (; i < length && ((uint64_t(offset) + i) & 7); ++i) {  // up to a whole byte
-                           const uint64_t element = uint64_t(offset) + i;
-                           keep_bits[element >> 3] |= uint8_t(keep[i] << (element & 7));
-                         }
-                         for (; i + 8 <= length; i += 8) keep_bits[(uint64_t(offset) + i) >> 3] = pack_flags(keep + i);
-                         for (; i < length; ++i) {
-                           const uint64_t element = uint64_t(offset) + i;
-                           keep_bits[element >> 3] |= uint8_t(keep[i] << (element & 7));
-                         }
+                         for (; i < length && ((first + i) & 7); ++i) set_bit(i);  // up to a whole byte
+                         for (; i + 8 <= length; i += 8) keep_bits[(first + i) >> 3] = pack_flags(keep + i);
+                         for (; i < length; ++i) set_bit(i);
                        });
 }
 

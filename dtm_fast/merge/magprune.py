@@ -9,9 +9,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-PROBABILITY_SCALE = 16777216.0  # keep thresholds are compared with 24-bit draws
-
-
 def magprune_keep(base: "torch.Tensor", model: "torch.Tensor", row_length: int, density: float, epsilon: float,
                   key_low: int, key_high: int, start: int) -> "tuple[torch.Tensor, torch.Tensor]":
     """(delta, keep) of flat elements start .. start+n-1: within each row, the delta of ascending
@@ -30,7 +27,7 @@ def magprune_keep(base: "torch.Tensor", model: "torch.Tensor", row_length: int, 
     ranks.scatter_(1, order, torch.arange(row_length, device=order.device).expand_as(order).contiguous())
     rank_norm = ranks.double() / (row_length - 1) if row_length > 1 else torch.zeros_like(ranks, dtype=torch.float64)
     probability = (density - epsilon) + rank_norm * 2.0 * epsilon
-    threshold = torch.floor(probability * PROBABILITY_SCALE + 0.5).clamp(0, PROBABILITY_SCALE).to(torch.int64)
+    threshold = torch.floor(probability * rng.DRAW_RANGE + 0.5).clamp(0, rng.DRAW_RANGE).to(torch.int64)
     keep = rng.keep_mask((key_low, key_high), start, delta.numel(), threshold.reshape(-1).cpu())
     return delta, keep.to(delta.device)
 

@@ -34,9 +34,12 @@ def philox_key(seed: int, tensor_name: str, model_index: int) -> tuple[int, int]
     return key & MASK32, key >> 32
 
 
+DRAW_RANGE = 1 << 24  # a keep decision compares a 24-bit draw (the word >> 8) with its threshold
+
+
 def keep_threshold(density: float) -> int:
     """24-bit threshold: an element is kept with probability threshold / 2**24 ~= density."""
-    return min(1 << 24, max(0, int(round(density * (1 << 24)))))
+    return min(DRAW_RANGE, max(0, int(round(density * DRAW_RANGE))))
 
 
 def _mulhilo(multiplier: int, value: "torch.Tensor") -> "tuple[torch.Tensor, torch.Tensor]":

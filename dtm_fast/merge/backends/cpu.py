@@ -56,6 +56,13 @@ def _histogram_address(histogram) -> int | None:
     return histogram.data_ptr() if ok else None
 
 
+def _keep_bits_address(keep_bits, count: int, operation: str) -> int:
+    """Address of the packed keep bits of `count` elements (magprune.pack_bits' layout)."""
+    if keep_bits.numel() != packed_size(count):
+        raise ValueError(f"{operation}: {keep_bits.numel()} bytes of bits for {count} elements")
+    return native.address(keep_bits)
+
+
 def _top_rule(variance, rule, count: int, operation: str) -> tuple[int, int, int]:
     """(address of the chunk's fp32 variance or 0, the rule's key, its tie stop) for the sce kernels."""
     if rule is None:
@@ -235,10 +242,9 @@ class CpuBackend(ReferenceBackend):
                                                  key_low, key_high, start)
         inputs = KernelInputs([base, model])
         count = inputs.count(None, "della_keep_bits")
-        if keep_bits.numel() != packed_size(count):
-            raise ValueError(f"della_keep_bits: {keep_bits.numel()} bytes of bits for {count} elements")
         total, kept = ctypes.c_double(), ctypes.c_double()
-        check(self._lib.dtm_della_keep_bits(native.address(keep_bits), inputs.addresses[0], inputs.addresses[1],
+        check(self._lib.dtm_della_keep_bits(_keep_bits_address(keep_bits, count, "della_keep_bits"),
+                                            inputs.addresses[0], inputs.addresses[1],
                                             inputs.code, row_length, density, epsilon, key_low, key_high, start,
                                             count, ctypes.byref(total), ctypes.byref(kept)), "della_keep_bits")
         return total.value, kept.value
@@ -248,11 +254,10 @@ class CpuBackend(ReferenceBackend):
             return _reference("della_apply")(self, out, base, model, keep_bits, scale)
         inputs = KernelInputs([base, model])
         count = inputs.count(out, "della_apply")
-        if keep_bits.numel() != packed_size(count):
-            raise ValueError(f"della_apply: {keep_bits.numel()} bytes of bits for {count} elements")
+        bits = _keep_bits_address(keep_bits, count, "della_apply")
         target = KernelOutput(out)
         check(self._lib.dtm_della_apply(target.address, target.code, inputs.addresses[0], inputs.addresses[1],
-                                        inputs.code, native.address(keep_bits), scale, count), "della_apply")
+                                        inputs.code, bits, scale, count), "della_apply")
         target.finish()
 
     def order_key_histogram(self, values, histogram, bucket) -> None:

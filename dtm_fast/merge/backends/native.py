@@ -60,8 +60,9 @@ SCALAR_TYPES: dict[str, Any] = {
     "int": ctypes.c_int, "int32_t": ctypes.c_int32, "uint32_t": ctypes.c_uint32, "int64_t": ctypes.c_int64,
     "float": ctypes.c_float, "double": ctypes.c_double,
 }
-POINTER_TYPES = ("void*", "const void*", "uint8_t*", "const uint8_t*", "const void* const*", "uint32_t* const*", "const float*",
-                 "const double*", "const int32_t*", "const int64_t*", "int64_t*", "double*", "const dtm_sparsify*")
+POINTER_TYPES = ("void*", "const void*", "uint8_t*", "const uint8_t*", "const void* const*", "uint32_t* const*",
+                 "const float*", "const double*", "const int32_t*", "const int64_t*", "int64_t*", "double*",
+                 "const dtm_sparsify*")
 
 
 def c_type(name: str):

@@ -79,22 +79,22 @@ class Della(MergeMethod):
         ranges = stream.ranges()
         pruned_once = False  # the statistics pass left every pruned delta of the tensor in `deltas`
         keep_bits: list | None = None  # or each model's keep decisions, a byte-aligned segment per chunk
-        segments: dict[int, tuple[int, int]] = {}
+        segments: dict[int, slice] = {}  # chunk start -> its segment
         if self.has_statistics_pass(params):
             pruned_once = len(ranges) == 1
             if not pruned_once and stream.context.numel <= KEEP_BITS_CHUNKS * stream.chunk_elements:
                 offset = 0
                 for start, stop in ranges:
-                    segments[start] = (offset, offset + packed_size(stop - start))
-                    offset = segments[start][1]
+                    segments[start] = slice(offset, offset + packed_size(stop - start))
+                    offset = segments[start].stop
                 keep_bits = [backend.scratch(f"della.keep_bits.{index}", offset, "U8") for index in range(count)]
             sums = [[0.0, 0.0] for _ in range(count)]
             for chunk in stream.chunks():
                 for index, model in enumerate(chunk.models):
                     if keep_bits is not None:
-                        first, stop = segments[chunk.start]
-                        total, kept = backend.della_keep_bits(keep_bits[index][first:stop], chunk.base, model,
-                                                              row_length, *pruning[index], *keys[index], chunk.start)
+                        total, kept = backend.della_keep_bits(keep_bits[index][segments[chunk.start]], chunk.base,
+                                                              model, row_length, *pruning[index], *keys[index],
+                                                              chunk.start)
                     else:
                         total, kept = backend.della_deltas(deltas[index][:chunk.count], chunk.base, model,
                                                            row_length, *pruning[index], *keys[index], 1.0,
@@ -115,8 +115,8 @@ class Della(MergeMethod):
                     # (and a kept -0 turning +0 cannot reach the output, whose sum starts from +0)
                     backend.linear(pruned[index], [pruned[index]], [scales[index]])
                 elif keep_bits is not None:
-                    first, stop = segments[chunk.start]
-                    backend.della_apply(pruned[index], chunk.base, model, keep_bits[index][first:stop], scales[index])
+                    backend.della_apply(pruned[index], chunk.base, model, keep_bits[index][segments[chunk.start]],
+                                        scales[index])
                 else:
                     backend.della_deltas(pruned[index], chunk.base, model, row_length, *pruning[index],
                                          *keys[index], scales[index], chunk.start)
